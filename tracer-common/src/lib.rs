@@ -199,7 +199,7 @@ pub struct NfEvent {
     pub cap_len: u32,
     pub payload: [u8; DROP_PAYLOAD_CAP],
 }
-const _: () = assert!(size_of::<NfEvent>() == 296);
+const _: () = assert!(size_of::<NfEvent>() == 288);
 
 /// Marks an offset the running kernel's BTF does not have.
 pub const OFFSET_NONE: u32 = u32::MAX;
