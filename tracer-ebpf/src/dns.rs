@@ -1,0 +1,323 @@
+//! DNS send and receive: UDP datagrams to (send) or from (receive) the configured ports.
+//!
+//! Sources, most precise first (the loader picks per kernel):
+//! - send: fentry `udp_sendmsg` / `udpv6_sendmsg` (process context, the msghdr);
+//!   fallback `cgroup_skb/egress` on the cgroup v2 root (process context for UDP sends,
+//!   the packet as it leaves the socket).
+//! - receive: fentry `skb_consume_udp` (the reader's context, only datagrams the
+//!   application reads); fallback `cgroup_skb/ingress` (softirq: every datagram delivered to
+//!   a socket, attributed to the socket's last sender through `SOCK_OWNER`).
+//! - batching: tracepoints `syscalls/sys_{enter,exit}_sendmmsg` mark threads in a batch.
+
+use core::{ffi::c_void, ptr::addr_of_mut};
+
+use aya_ebpf::{
+    helpers::{
+        bpf_get_current_cgroup_id,
+        generated::{
+            bpf_get_socket_cookie, bpf_probe_read_user, bpf_skb_cgroup_id,
+        },
+    },
+    macros::{cgroup_skb, fentry, tracepoint},
+    programs::{FEntryContext, SkBuffContext, TracePointContext},
+};
+use tracer_common::{
+    DnsPacket, EventKind, SourceId, Task, Tuple, AF_INET, AF_INET6, DNS_FLAG_BATCH,
+    DNS_FLAG_NO_TASK, DNS_PAYLOAD_CAP, IPPROTO_UDP,
+};
+
+use crate::{
+    kernel::{
+        copy_kernel, count_lost, current_netns, current_task_into, header, off, parse_l3l4,
+        port_wanted, read, read_ptr, skb_l4, sock_netns,
+    },
+    EVENTS, IN_SENDMMSG, SOCK_OWNER,
+};
+
+/// Reserves a `DnsPacket`, lets `fill` write every field but the header and the batch
+/// fields, and submits it; counts a loss when the ring buffer is full. Records are filled
+/// in place: the BPF stack (512 bytes) can not hold one.
+#[inline(always)]
+fn emit(kind: EventKind, source: SourceId, fill: impl FnOnce(*mut DnsPacket)) {
+    let Some(mut entry) = EVENTS.reserve::<DnsPacket>(0) else {
+        count_lost(kind);
+        return;
+    };
+    let p = entry.as_mut_ptr();
+    // SAFETY: `p` points at a reserved, exclusively owned `DnsPacket`; `fill` writes every
+    // other field before submit (payload bytes past `cap_len` are never read).
+    unsafe {
+        (*p).header = header(kind, source);
+        (*p).ifindex = 0;
+        (*p)._pad = 0;
+        (*p).flags = 0;
+        (*p).batch_len = 0;
+        fill(p);
+        if kind == EventKind::DnsSend {
+            if let Some(vlen) = IN_SENDMMSG.get_ptr((*p).task.tid) {
+                (*p).flags |= DNS_FLAG_BATCH;
+                (*p).batch_len = *vlen;
+            }
+        }
+    }
+    entry.submit(0);
+}
+
+/// Parses the packet of a cgroup_skb program (data starts at the IP header).
+#[inline(always)]
+fn skb_parse(ctx: &SkBuffContext) -> Option<crate::kernel::L4> {
+    parse_l3l4(
+        |o, buf| matches!(ctx.load_bytes(o as usize, buf), Ok(n) if n == buf.len()),
+        ctx.len(),
+    )
+}
+
+#[inline(always)]
+fn skb_payload(ctx: &SkBuffContext, off: u32, dst: *mut [u8; DNS_PAYLOAD_CAP]) -> u32 {
+    // SAFETY: `dst` is the exclusively owned payload array of a ring-buffer reservation.
+    let dst = unsafe { &mut *dst };
+    ctx.load_bytes(off as usize, dst).map(|n| n as u32).unwrap_or(0)
+}
+
+/// Socket cookie, cgroup id and `struct sock *` of a cgroup_skb packet.
+#[inline(always)]
+fn skb_socket(ctx: &SkBuffContext) -> (u64, u64, *const u8) {
+    let skb = ctx.skb.skb;
+    // SAFETY: `skb` is the program's context; the helpers accept it.
+    unsafe {
+        (
+            bpf_get_socket_cookie(skb as *mut c_void),
+            bpf_skb_cgroup_id(skb),
+            (*skb).__bindgen_anon_2.sk as *const u8,
+        )
+    }
+}
+
+#[cgroup_skb(egress)]
+pub fn dns_egress(ctx: SkBuffContext) -> i32 {
+    try_dns_egress(&ctx);
+    1 // never drop: we only observe
+}
+
+#[inline(always)]
+fn try_dns_egress(ctx: &SkBuffContext) {
+    let Some(l4) = skb_parse(ctx) else { return };
+    if l4.tuple.proto != IPPROTO_UDP || !port_wanted(l4.tuple.dport) {
+        return;
+    }
+    let (cookie, cgroup_id, sk) = skb_socket(ctx);
+    emit(EventKind::DnsSend, SourceId::CgroupSkbEgress, |p| {
+        // SAFETY: `p` is the exclusively owned record handed out by `emit`.
+        unsafe {
+            current_task_into(addr_of_mut!((*p).task));
+            (*p).task.cgroup_id = cgroup_id;
+            (*p).task.netns = if sk.is_null() { current_netns() } else { sock_netns(sk) };
+            (*p).tuple = l4.tuple;
+            (*p).sock_cookie = cookie;
+            (*p).payload_len = l4.payload_len;
+            (*p).cap_len = skb_payload(ctx, l4.payload_off, addr_of_mut!((*p).payload));
+            let _ = SOCK_OWNER.insert(cookie, &(*p).task, 0);
+        }
+    });
+}
+
+#[cgroup_skb(ingress)]
+pub fn dns_ingress(ctx: SkBuffContext) -> i32 {
+    try_dns_ingress(&ctx);
+    1
+}
+
+#[inline(always)]
+fn try_dns_ingress(ctx: &SkBuffContext) {
+    let Some(l4) = skb_parse(ctx) else { return };
+    if l4.tuple.proto != IPPROTO_UDP || !port_wanted(l4.tuple.sport) {
+        return;
+    }
+    let (cookie, cgroup_id, sk) = skb_socket(ctx);
+    emit(EventKind::DnsRecv, SourceId::CgroupSkbIngress, |p| {
+        // SAFETY: `p` is the exclusively owned record handed out by `emit`.
+        unsafe {
+            // Softirq context: the current task is not the receiver. Attribute the datagram
+            // to the task that last sent on this socket.
+            match SOCK_OWNER.get_ptr(cookie) {
+                Some(owner) => (*p).task = *owner,
+                None => {
+                    (*p).task = Task::default();
+                    (*p).flags = DNS_FLAG_NO_TASK;
+                }
+            }
+            (*p).task.cgroup_id = cgroup_id;
+            (*p).task.netns = if sk.is_null() { 0 } else { sock_netns(sk) };
+            (*p).tuple = l4.tuple;
+            (*p).sock_cookie = cookie;
+            (*p).payload_len = l4.payload_len;
+            (*p).cap_len = skb_payload(ctx, l4.payload_off, addr_of_mut!((*p).payload));
+        }
+    });
+}
+
+/// Reads the first user buffer of a `msghdr`'s iterator (ITER_UBUF or ITER_IOVEC).
+#[inline(always)]
+fn msg_payload(msg: *const u8, len: u32, dst: *mut [u8; DNS_PAYLOAD_CAP]) -> u32 {
+    let Ok(moff) = crate::kernel::need(off!(msg_iter)) else { return 0 };
+    let iter = msg.wrapping_add(moff);
+    let ty: u8 = read(iter, off!(iter_type)).unwrap_or(u8::MAX);
+    let skip: u64 = read(iter, off!(iter_offset)).unwrap_or(0);
+    let base: *const u8 = if u32::from(ty) == off!(iter_type_ubuf) {
+        read(iter, off!(iter_ubuf)).unwrap_or(core::ptr::null())
+    } else if u32::from(ty) == off!(iter_type_iovec) {
+        match read_ptr(iter, off!(iter_iov)) {
+            // struct iovec is uapi: iov_base at 0.
+            Ok(iov) => read(iov, 0).unwrap_or(core::ptr::null()),
+            Err(_) => core::ptr::null(),
+        }
+    } else {
+        core::ptr::null()
+    };
+    if base.is_null() {
+        return 0;
+    }
+    let n = if len as usize > DNS_PAYLOAD_CAP { DNS_PAYLOAD_CAP as u32 } else { len };
+    if n == 0 {
+        return 0;
+    }
+    // SAFETY: `dst` holds DNS_PAYLOAD_CAP writable bytes and n <= DNS_PAYLOAD_CAP; the
+    // helper validates the user address.
+    let rc = unsafe {
+        bpf_probe_read_user(dst as *mut c_void, n, base.wrapping_add(skip as usize) as *const c_void)
+    };
+    if rc == 0 {
+        n
+    } else {
+        0
+    }
+}
+
+/// The destination of a send: `msg_name` when given (sendto), else the connected peer.
+#[inline(always)]
+fn send_tuple(sk: *const u8, msg: *const u8, v6: bool) -> Tuple {
+    let mut t = Tuple { proto: IPPROTO_UDP, ..Tuple::default() };
+    t.sport = read(sk, off!(sk_num)).unwrap_or(0u16);
+    let name = read_ptr(msg, off!(msg_name)).ok();
+    // sockaddr_in / sockaddr_in6 are uapi: family at 0, port at 2, v4 addr at 4, v6 at 8.
+    let family: u16 = match name {
+        Some(n) => read(n, 0).unwrap_or(0),
+        None => 0,
+    };
+    if v6 {
+        t.family = AF_INET6;
+        t.saddr = read(sk, off!(sk_v6_rcv_saddr)).unwrap_or([0; 16]);
+        match name {
+            Some(n) if u32::from(family) == u32::from(AF_INET6) => {
+                t.dport = u16::from_be(read(n, 2).unwrap_or(0));
+                t.daddr = read(n, 8).unwrap_or([0; 16]);
+            }
+            _ => {
+                t.dport = u16::from_be(read(sk, off!(sk_dport)).unwrap_or(0));
+                t.daddr = read(sk, off!(sk_v6_daddr)).unwrap_or([0; 16]);
+            }
+        }
+    } else {
+        t.family = AF_INET;
+        let s: [u8; 4] = read(sk, off!(sk_rcv_saddr)).unwrap_or([0; 4]);
+        t.saddr[..4].copy_from_slice(&s);
+        let (dport, d): (u16, [u8; 4]) = match name {
+            Some(n) if u32::from(family) == u32::from(AF_INET) => {
+                (read(n, 2).unwrap_or(0), read(n, 4).unwrap_or([0; 4]))
+            }
+            _ => (
+                read(sk, off!(sk_dport)).unwrap_or(0),
+                read(sk, off!(sk_daddr)).unwrap_or([0; 4]),
+            ),
+        };
+        t.dport = u16::from_be(dport);
+        t.daddr[..4].copy_from_slice(&d);
+    }
+    t
+}
+
+#[inline(always)]
+fn try_fentry_send(ctx: &FEntryContext, v6: bool, source: SourceId) {
+    let sk: *const u8 = ctx.arg(0);
+    let msg: *const u8 = ctx.arg(1);
+    let len: usize = ctx.arg(2);
+    let tuple = send_tuple(sk, msg, v6);
+    if !port_wanted(tuple.dport) {
+        return;
+    }
+    emit(EventKind::DnsSend, source, |p| {
+        // SAFETY: `p` is the exclusively owned record handed out by `emit`.
+        unsafe {
+            current_task_into(addr_of_mut!((*p).task));
+            (*p).task.cgroup_id = bpf_get_current_cgroup_id();
+            (*p).task.netns = sock_netns(sk);
+            (*p).tuple = tuple;
+            (*p).sock_cookie = read(sk, off!(sk_cookie)).unwrap_or(0);
+            (*p).payload_len = len as u32;
+            (*p).cap_len = msg_payload(msg, len as u32, addr_of_mut!((*p).payload));
+        }
+    });
+}
+
+#[fentry(function = "udp_sendmsg")]
+pub fn dns_udp_sendmsg(ctx: FEntryContext) -> i32 {
+    try_fentry_send(&ctx, false, SourceId::FentryUdpSendmsg);
+    0
+}
+
+#[fentry(function = "udpv6_sendmsg")]
+pub fn dns_udpv6_sendmsg(ctx: FEntryContext) -> i32 {
+    try_fentry_send(&ctx, true, SourceId::FentryUdpv6Sendmsg);
+    0
+}
+
+/// `skb_consume_udp(sk, skb, len)`: called by udp(v6)_recvmsg in the reader's context
+/// once a datagram has been copied to the application.
+#[fentry(function = "skb_consume_udp")]
+pub fn dns_skb_consume_udp(ctx: FEntryContext) -> i32 {
+    try_consume(&ctx);
+    0
+}
+
+#[inline(always)]
+fn try_consume(ctx: &FEntryContext) {
+    let sk: *const u8 = ctx.arg(0);
+    let skb: *const u8 = ctx.arg(1);
+    let Some((l4, ip)) = skb_l4(skb) else { return };
+    if l4.tuple.proto != IPPROTO_UDP || !port_wanted(l4.tuple.sport) {
+        return;
+    }
+    let src = ip.wrapping_add(l4.payload_off as usize);
+    emit(EventKind::DnsRecv, SourceId::FentrySkbConsumeUdp, |p| {
+        // SAFETY: `p` is the exclusively owned record handed out by `emit`.
+        unsafe {
+            current_task_into(addr_of_mut!((*p).task));
+            (*p).task.cgroup_id = bpf_get_current_cgroup_id();
+            (*p).task.netns = sock_netns(sk);
+            (*p).tuple = l4.tuple;
+            (*p).sock_cookie = read(sk, off!(sk_cookie)).unwrap_or(0);
+            (*p).payload_len = l4.payload_len;
+            (*p).cap_len = copy_kernel(addr_of_mut!((*p).payload), src, l4.payload_len);
+        }
+    });
+}
+
+/// Offset of `vlen` in the `syscalls/sys_enter_sendmmsg` record (stable syscall ABI layout).
+const SENDMMSG_VLEN_OFFSET: usize = 32;
+
+#[tracepoint]
+pub fn sendmmsg_enter(ctx: TracePointContext) -> u32 {
+    // SAFETY: the offset is inside the tracepoint record (see the event's format file).
+    let vlen: u64 = unsafe { ctx.read_at(SENDMMSG_VLEN_OFFSET) }.unwrap_or(0);
+    let tid = aya_ebpf::helpers::bpf_get_current_pid_tgid() as u32;
+    let _ = IN_SENDMMSG.insert(tid, vlen as u32, 0);
+    0
+}
+
+#[tracepoint]
+pub fn sendmmsg_exit(_ctx: TracePointContext) -> u32 {
+    let tid = aya_ebpf::helpers::bpf_get_current_pid_tgid() as u32;
+    let _ = IN_SENDMMSG.remove(tid);
+    0
+}
+
