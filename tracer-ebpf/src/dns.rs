@@ -15,7 +15,7 @@ use aya_ebpf::{
     helpers::{
         bpf_get_current_cgroup_id,
         generated::{
-            bpf_get_socket_cookie, bpf_probe_read_user, bpf_skb_cgroup_id,
+            bpf_get_socket_cookie, bpf_probe_read_user, bpf_skb_cgroup_id, bpf_skb_load_bytes,
         },
     },
     macros::{cgroup_skb, fentry, tracepoint},
@@ -28,8 +28,8 @@ use tracer_common::{
 
 use crate::{
     kernel::{
-        copy_kernel, count_lost, current_netns, current_task_into, header, off, parse_l3l4,
-        port_wanted, read, read_ptr, skb_l4, sock_netns,
+        clamp_len, copy_kernel, count_lost, current_netns, current_task_into, header, off,
+        parse_l3l4, port_wanted, read, read_ptr, skb_l4, sock_netns,
     },
     EVENTS, IN_SENDMMSG, SOCK_OWNER,
 };
@@ -66,29 +66,44 @@ fn emit(kind: EventKind, source: SourceId, fill: impl FnOnce(*mut DnsPacket)) {
 /// Parses the packet of a cgroup_skb program (data starts at the IP header).
 #[inline(always)]
 fn skb_parse(ctx: &SkBuffContext) -> Option<crate::kernel::L4> {
+    let skb = ctx.skb.skb as *const c_void;
     parse_l3l4(
-        |o, buf| matches!(ctx.load_bytes(o as usize, buf), Ok(n) if n == buf.len()),
+        // SAFETY: `buf` is writable for its (constant, non-zero) length; the helper
+        // bounds-checks the packet.
+        |o, buf| unsafe {
+            bpf_skb_load_bytes(skb, o, buf.as_mut_ptr() as *mut c_void, buf.len() as u32) == 0
+        },
         ctx.len(),
     )
 }
 
+/// Copies the UDP payload (at most `DNS_PAYLOAD_CAP` bytes) out of a cgroup_skb packet.
 #[inline(always)]
 fn skb_payload(ctx: &SkBuffContext, off: u32, dst: *mut [u8; DNS_PAYLOAD_CAP]) -> u32 {
-    // SAFETY: `dst` is the exclusively owned payload array of a ring-buffer reservation.
-    let dst = unsafe { &mut *dst };
-    ctx.load_bytes(off as usize, dst).map(|n| n as u32).unwrap_or(0)
+    let n = clamp_len::<DNS_PAYLOAD_CAP>(ctx.len().saturating_sub(off));
+    if n == 0 {
+        return 0;
+    }
+    // SAFETY: `dst` holds DNS_PAYLOAD_CAP writable bytes and 0 < n <= DNS_PAYLOAD_CAP.
+    let rc =
+        unsafe { bpf_skb_load_bytes(ctx.skb.skb as *const c_void, off, dst as *mut c_void, n) };
+    if rc == 0 {
+        n
+    } else {
+        0
+    }
 }
 
-/// Socket cookie, cgroup id and `struct sock *` of a cgroup_skb packet.
+/// Socket cookie and socket cgroup id of a cgroup_skb packet. (The verifier forbids
+/// offsets into `__sk_buff->sk`, so the socket's own fields are out of reach here.)
 #[inline(always)]
-fn skb_socket(ctx: &SkBuffContext) -> (u64, u64, *const u8) {
+fn skb_socket(ctx: &SkBuffContext) -> (u64, u64) {
     let skb = ctx.skb.skb;
     // SAFETY: `skb` is the program's context; the helpers accept it.
     unsafe {
         (
             bpf_get_socket_cookie(skb as *mut c_void),
             bpf_skb_cgroup_id(skb),
-            (*skb).__bindgen_anon_2.sk as *const u8,
         )
     }
 }
@@ -105,13 +120,15 @@ fn try_dns_egress(ctx: &SkBuffContext) {
     if l4.tuple.proto != IPPROTO_UDP || !port_wanted(l4.tuple.dport) {
         return;
     }
-    let (cookie, cgroup_id, sk) = skb_socket(ctx);
+    let (cookie, cgroup_id) = skb_socket(ctx);
     emit(EventKind::DnsSend, SourceId::CgroupSkbEgress, |p| {
         // SAFETY: `p` is the exclusively owned record handed out by `emit`.
         unsafe {
             current_task_into(addr_of_mut!((*p).task));
             (*p).task.cgroup_id = cgroup_id;
-            (*p).task.netns = if sk.is_null() { current_netns() } else { sock_netns(sk) };
+            // A UDP send runs in the sender's context: its netns is the socket's unless the
+            // task moved (setns) after creating the socket.
+            (*p).task.netns = current_netns();
             (*p).tuple = l4.tuple;
             (*p).sock_cookie = cookie;
             (*p).payload_len = l4.payload_len;
@@ -133,12 +150,12 @@ fn try_dns_ingress(ctx: &SkBuffContext) {
     if l4.tuple.proto != IPPROTO_UDP || !port_wanted(l4.tuple.sport) {
         return;
     }
-    let (cookie, cgroup_id, sk) = skb_socket(ctx);
+    let (cookie, cgroup_id) = skb_socket(ctx);
     emit(EventKind::DnsRecv, SourceId::CgroupSkbIngress, |p| {
         // SAFETY: `p` is the exclusively owned record handed out by `emit`.
         unsafe {
             // Softirq context: the current task is not the receiver. Attribute the datagram
-            // to the task that last sent on this socket.
+            // (and its netns) to the task that last sent on this socket.
             match SOCK_OWNER.get_ptr(cookie) {
                 Some(owner) => (*p).task = *owner,
                 None => {
@@ -147,7 +164,6 @@ fn try_dns_ingress(ctx: &SkBuffContext) {
                 }
             }
             (*p).task.cgroup_id = cgroup_id;
-            (*p).task.netns = if sk.is_null() { 0 } else { sock_netns(sk) };
             (*p).tuple = l4.tuple;
             (*p).sock_cookie = cookie;
             (*p).payload_len = l4.payload_len;
@@ -159,7 +175,9 @@ fn try_dns_ingress(ctx: &SkBuffContext) {
 /// Reads the first user buffer of a `msghdr`'s iterator (ITER_UBUF or ITER_IOVEC).
 #[inline(always)]
 fn msg_payload(msg: *const u8, len: u32, dst: *mut [u8; DNS_PAYLOAD_CAP]) -> u32 {
-    let Ok(moff) = crate::kernel::need(off!(msg_iter)) else { return 0 };
+    let Ok(moff) = crate::kernel::need(off!(msg_iter)) else {
+        return 0;
+    };
     let iter = msg.wrapping_add(moff);
     let ty: u8 = read(iter, off!(iter_type)).unwrap_or(u8::MAX);
     let skip: u64 = read(iter, off!(iter_offset)).unwrap_or(0);
@@ -177,14 +195,18 @@ fn msg_payload(msg: *const u8, len: u32, dst: *mut [u8; DNS_PAYLOAD_CAP]) -> u32
     if base.is_null() {
         return 0;
     }
-    let n = if len as usize > DNS_PAYLOAD_CAP { DNS_PAYLOAD_CAP as u32 } else { len };
+    let n = clamp_len::<DNS_PAYLOAD_CAP>(len);
     if n == 0 {
         return 0;
     }
     // SAFETY: `dst` holds DNS_PAYLOAD_CAP writable bytes and n <= DNS_PAYLOAD_CAP; the
     // helper validates the user address.
     let rc = unsafe {
-        bpf_probe_read_user(dst as *mut c_void, n, base.wrapping_add(skip as usize) as *const c_void)
+        bpf_probe_read_user(
+            dst as *mut c_void,
+            n,
+            base.wrapping_add(skip as usize) as *const c_void,
+        )
     };
     if rc == 0 {
         n
@@ -196,7 +218,10 @@ fn msg_payload(msg: *const u8, len: u32, dst: *mut [u8; DNS_PAYLOAD_CAP]) -> u32
 /// The destination of a send: `msg_name` when given (sendto), else the connected peer.
 #[inline(always)]
 fn send_tuple(sk: *const u8, msg: *const u8, v6: bool) -> Tuple {
-    let mut t = Tuple { proto: IPPROTO_UDP, ..Tuple::default() };
+    let mut t = Tuple {
+        proto: IPPROTO_UDP,
+        ..Tuple::default()
+    };
     t.sport = read(sk, off!(sk_num)).unwrap_or(0u16);
     let name = read_ptr(msg, off!(msg_name)).ok();
     // sockaddr_in / sockaddr_in6 are uapi: family at 0, port at 2, v4 addr at 4, v6 at 8.
@@ -320,4 +345,3 @@ pub fn sendmmsg_exit(_ctx: TracePointContext) -> u32 {
     let _ = IN_SENDMMSG.remove(tid);
     0
 }
-

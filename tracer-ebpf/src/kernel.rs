@@ -62,11 +62,23 @@ pub fn read_ptr(base: *const u8, offset: u32) -> Result<*const u8, i64> {
     }
 }
 
-/// Copies up to `cap` bytes from kernel memory into `dst`; returns the bytes copied.
-/// `len` is clamped so the verifier sees a bounded size.
+/// `min(len, N)` computed so that the verifier can see the bound: LLVM folds an ordinary
+/// `min` into forms the verifier loses track of, so the short branch masks a value LLVM can
+/// not see through. `N` must be a power of two.
+#[inline(always)]
+pub fn clamp_len<const N: usize>(len: u32) -> u32 {
+    const { assert!(N.is_power_of_two()) };
+    if len as usize >= N {
+        N as u32
+    } else {
+        core::hint::black_box(len) & (N as u32 - 1)
+    }
+}
+
+/// Copies up to `N` bytes from kernel memory into `dst`; returns the bytes copied.
 #[inline(always)]
 pub fn copy_kernel<const N: usize>(dst: *mut [u8; N], src: *const u8, len: u32) -> u32 {
-    let n = if len as usize > N { N as u32 } else { len };
+    let n = clamp_len::<N>(len);
     if n == 0 {
         return 0;
     }
@@ -262,7 +274,11 @@ pub fn read_into<T>(dst: *mut T, src: *const u8, offset: u32) {
     let ok = match need(offset) {
         // SAFETY: `dst` is writable for size bytes; the helper validates `src`.
         Ok(o) => unsafe {
-            raw_probe_read_kernel(dst as *mut c_void, size, src.wrapping_add(o) as *const c_void) == 0
+            raw_probe_read_kernel(
+                dst as *mut c_void,
+                size,
+                src.wrapping_add(o) as *const c_void,
+            ) == 0
         },
         Err(_) => false,
     };

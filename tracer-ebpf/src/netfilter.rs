@@ -125,7 +125,15 @@ pub fn nf_kfree_skb(ctx: BtfTracePointContext) -> u32 {
     }
     let skb: *const u8 = ctx.arg(0);
     let location: u64 = ctx.arg(1);
-    emit(EventKind::NfDrop, SourceId::TpBtfKfreeSkb, skb, location, reason, 0, null());
+    emit(
+        EventKind::NfDrop,
+        SourceId::TpBtfKfreeSkb,
+        skb,
+        location,
+        reason,
+        0,
+        null(),
+    );
     0
 }
 
@@ -135,7 +143,15 @@ pub fn nf_confirm_exit(ctx: FExitContext) -> i32 {
     let ret: i32 = ctx.arg(1);
     if ret == NF_DROP {
         let skb: *const u8 = ctx.arg(0);
-        emit(EventKind::NfDrop, SourceId::FexitNfConntrackConfirm, skb, 0, 0, ret, null());
+        emit(
+            EventKind::NfDrop,
+            SourceId::FexitNfConntrackConfirm,
+            skb,
+            0,
+            0,
+            ret,
+            null(),
+        );
     }
     0
 }
@@ -151,6 +167,14 @@ pub fn nf_resolve_clash_exit(ctx: FExitContext) -> i32 {
         Ok(o) if !h.is_null() => h.wrapping_add(o),
         _ => null(),
     };
-    emit(EventKind::CtClash, SourceId::FexitNfCtResolveClash, skb, 0, 0, ret, winner);
+    emit(
+        EventKind::CtClash,
+        SourceId::FexitNfCtResolveClash,
+        skb,
+        0,
+        0,
+        ret,
+        winner,
+    );
     0
 }

@@ -1,1 +1,25 @@
-fn main(){}
+use std::process::ExitCode;
+
+use clap::Parser as _;
+use tracer::cli::{Cli, Command};
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Watch(cmd) => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(anyhow::Error::from)
+            .and_then(|rt| rt.block_on(tracer::watch::run(cmd.into_args()))),
+        Command::Probes(cmd) => tracer::commands::probes(&cmd),
+        Command::Offsets(opts) => tracer::commands::offsets(&opts),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

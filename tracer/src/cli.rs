@@ -1,0 +1,182 @@
+//! Command-line interface (clap derive). `main.rs` only parses and dispatches.
+
+use std::{path::PathBuf, time::Duration};
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::{btf::VMLINUX_BTF, session, watch};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "tracer",
+    version,
+    about = "Explains the conntrack races behind DNS timeouts and dropped connections"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Stream DNS queries, replies and netfilter drops as the kernel sees them.
+    Watch(WatchCmd),
+    /// Show which kernel source serves each signal on this machine, and why others were refused.
+    Probes(ProbesCmd),
+    /// Show the kernel struct offsets resolved from BTF.
+    Offsets(KernelOpts),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct KernelOpts {
+    /// UDP ports that carry DNS (list and ranges: 53,5353,5300-5310).
+    #[arg(long, default_value = "53", value_parser = parse_ports)]
+    pub ports: PortList,
+    /// Kernel BTF to resolve struct offsets from.
+    #[arg(long, default_value = VMLINUX_BTF)]
+    pub btf: PathBuf,
+    /// cgroup v2 directory the DNS programs attach to (default: the cgroup2 mount).
+    #[arg(long)]
+    pub cgroup: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct WatchCmd {
+    #[command(flatten)]
+    pub kernel: KernelOpts,
+    /// JSON lines instead of readable lines.
+    #[arg(long)]
+    pub json: bool,
+    /// Create this file once every program is attached.
+    #[arg(long)]
+    pub ready_file: Option<PathBuf>,
+    /// Stop after this many seconds.
+    #[arg(long, value_parser = parse_duration)]
+    pub duration: Option<Duration>,
+}
+
+#[derive(Debug, Args)]
+pub struct ProbesCmd {
+    #[command(flatten)]
+    pub kernel: KernelOpts,
+    /// JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// A parsed `--ports` value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PortList(pub Vec<u16>);
+
+fn parse_port(s: &str, whole: &str) -> Result<u16, String> {
+    match s.trim().parse::<u16>() {
+        Ok(p) if p > 0 => Ok(p),
+        _ => Err(format!(
+            "invalid port '{s}' in '{whole}': expected a number from 1 to 65535"
+        )),
+    }
+}
+
+/// `53`, `53,5353`, `5300-5310`, or a mix; no empty items, ranges low-high.
+pub fn parse_ports(s: &str) -> Result<PortList, String> {
+    let mut out = Vec::new();
+    for item in s.split(',') {
+        if item.trim().is_empty() {
+            return Err(format!("empty item in port list '{s}'"));
+        }
+        match item.split_once('-') {
+            Some((lo, hi)) => {
+                let (lo, hi) = (parse_port(lo, s)?, parse_port(hi, s)?);
+                if lo > hi {
+                    return Err(format!("range '{item}' in '{s}' runs backwards"));
+                }
+                out.extend(lo..=hi);
+            }
+            None => out.push(parse_port(item, s)?),
+        }
+    }
+    out.sort_unstable();
+    out.dedup();
+    Ok(PortList(out))
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let secs: f64 = s
+        .parse()
+        .map_err(|_| format!("invalid duration '{s}': expected seconds, e.g. 30 or 0.5"))?;
+    if !(secs > 0.0 && secs < 1e9) {
+        return Err(format!("duration '{s}' out of range"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+impl KernelOpts {
+    pub fn session(&self, try_all: bool) -> session::Options {
+        session::Options {
+            ports: self.ports.0.clone(),
+            btf_path: self.btf.clone(),
+            cgroup: self.cgroup.clone(),
+            try_all,
+        }
+    }
+}
+
+impl WatchCmd {
+    pub fn into_args(self) -> watch::WatchArgs {
+        watch::WatchArgs {
+            session: self.kernel.session(false),
+            json: self.json,
+            ready_file: self.ready_file,
+            duration: self.duration,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ports() {
+        assert_eq!(parse_ports("53").unwrap().0, vec![53]);
+        assert_eq!(
+            parse_ports("5353, 53,5300-5302").unwrap().0,
+            vec![53, 5300, 5301, 5302, 5353]
+        );
+        assert!(parse_ports("0").unwrap_err().contains("1 to 65535"));
+        assert!(parse_ports("53,").unwrap_err().contains("empty item"));
+        assert!(parse_ports("70000")
+            .unwrap_err()
+            .contains("invalid port '70000'"));
+        assert!(parse_ports("60-50").unwrap_err().contains("backwards"));
+        assert!(parse_ports("dns").is_err());
+    }
+
+    #[test]
+    fn cli_parses() {
+        Cli::command_for_test();
+        let c = Cli::try_parse_from([
+            "tracer",
+            "watch",
+            "--ports",
+            "53,5353",
+            "--json",
+            "--duration",
+            "1.5",
+        ])
+        .unwrap();
+        let Command::Watch(w) = c.command else {
+            panic!()
+        };
+        assert_eq!(w.kernel.ports.0, vec![53, 5353]);
+        assert_eq!(w.duration, Some(Duration::from_millis(1500)));
+        assert!(Cli::try_parse_from(["tracer", "watch", "--ports", "x"]).is_err());
+    }
+
+    impl Cli {
+        fn command_for_test() {
+            use clap::CommandFactory as _;
+            Cli::command().debug_assert();
+        }
+    }
+}

@@ -1,0 +1,17 @@
+//! Userspace of the conntrack tracer: decoding, enrichment, output and the probe plan.
+//! The `tracer` binary (`main.rs`) is a thin shell over this library.
+
+pub mod btf;
+pub mod cli;
+pub mod commands;
+pub mod dns;
+pub mod events;
+pub mod hex;
+pub mod kallsyms;
+pub mod netns;
+pub mod offsets;
+pub mod output;
+pub mod plan;
+pub mod preflight;
+pub mod session;
+pub mod watch;

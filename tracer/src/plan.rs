@@ -1,0 +1,612 @@
+//! The probe plan: for each signal an ordered list of sources, most precise first. The
+//! loader tries each source's programs on the running kernel and keeps the first that
+//! loads and attaches; the report says which was chosen, what was refused and why (errno),
+//! and what the fallback loses.
+
+use std::{collections::BTreeMap, fs::File, io, os::fd::AsFd as _};
+
+use aya::{
+    programs::{
+        BtfTracePoint, CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, FEntry, FExit,
+        ProgramError, TracePoint,
+    },
+    Btf, Ebpf,
+};
+use serde::Serialize;
+use tracer_common::{KernelOffsets, OFFSET_NONE};
+
+use crate::offsets::Resolved;
+
+/// How a program attaches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Attach {
+    FEntry(&'static str),
+    FExit(&'static str),
+    BtfTracePoint(&'static str),
+    CgroupSkb(CgroupDir),
+    TracePoint(&'static str, &'static str),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CgroupDir {
+    Egress,
+    Ingress,
+}
+
+impl Attach {
+    pub fn describe(&self) -> String {
+        match self {
+            Attach::FEntry(f) => format!("fentry/{f}"),
+            Attach::FExit(f) => format!("fexit/{f}"),
+            Attach::BtfTracePoint(t) => format!("tp_btf/{t}"),
+            Attach::CgroupSkb(CgroupDir::Egress) => "cgroup_skb/egress".into(),
+            Attach::CgroupSkb(CgroupDir::Ingress) => "cgroup_skb/ingress".into(),
+            Attach::TracePoint(c, n) => format!("tracepoint/{c}/{n}"),
+        }
+    }
+}
+
+/// One kernel program of the eBPF object and where it goes.
+#[derive(Debug, Clone, Copy)]
+pub struct Prog {
+    /// Function name in `tracer-ebpf`.
+    pub name: &'static str,
+    pub attach: Attach,
+    /// `KernelOffsets` fields the program can not work without.
+    pub needs: &'static [&'static str],
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Source {
+    pub name: &'static str,
+    pub programs: &'static [Prog],
+    /// What this source loses compared with the first source of its signal.
+    pub loses: &'static str,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Signal {
+    pub name: &'static str,
+    pub what: &'static str,
+    pub sources: &'static [Source],
+}
+
+const SKB_NEEDS: &[&str] = &["skb_head", "skb_network_header", "skb_len"];
+const SOCK_NEEDS: &[&str] = &["sk_net", "net_inum", "sk_cookie"];
+
+const SENDMMSG: [Prog; 2] = [
+    Prog {
+        name: "sendmmsg_enter",
+        attach: Attach::TracePoint("syscalls", "sys_enter_sendmmsg"),
+        needs: &[],
+    },
+    Prog {
+        name: "sendmmsg_exit",
+        attach: Attach::TracePoint("syscalls", "sys_exit_sendmmsg"),
+        needs: &[],
+    },
+];
+
+const SEND_FENTRY_NEEDS: &[&str] = &[
+    "sk_net",
+    "net_inum",
+    "sk_cookie",
+    "sk_num",
+    "sk_rcv_saddr",
+    "sk_daddr",
+    "sk_dport",
+    "sk_v6_daddr",
+    "sk_v6_rcv_saddr",
+    "msg_name",
+    "msg_iter",
+    "iter_type",
+    "iter_offset",
+];
+
+pub const SIGNALS: &[Signal] = &[
+    Signal {
+        name: "dns-send",
+        what: "UDP datagrams sent to the DNS ports: task, socket, 5-tuple, sendmmsg batch, payload",
+        sources: &[
+            Source {
+                name: "fentry udp_sendmsg + udpv6_sendmsg",
+                programs: &[
+                    Prog { name: "dns_udp_sendmsg", attach: Attach::FEntry("udp_sendmsg"), needs: SEND_FENTRY_NEEDS },
+                    Prog { name: "dns_udpv6_sendmsg", attach: Attach::FEntry("udpv6_sendmsg"), needs: SEND_FENTRY_NEEDS },
+                    SENDMMSG[0],
+                    SENDMMSG[1],
+                ],
+                loses: "",
+            },
+            Source {
+                name: "cgroup_skb egress (cgroup v2 root)",
+                programs: &[
+                    Prog { name: "dns_egress", attach: Attach::CgroupSkb(CgroupDir::Egress), needs: &["task_nsproxy", "nsproxy_net_ns", "sk_net", "net_inum"] },
+                    SENDMMSG[0],
+                    SENDMMSG[1],
+                ],
+                loses: "sees the datagram as it leaves the socket's IP output, after the sender's own \
+                        netfilter OUTPUT/POSTROUTING hooks: a send refused before that (no route, \
+                        a drop rule in the pod) is not seen",
+            },
+        ],
+    },
+    Signal {
+        name: "dns-receive",
+        what: "UDP datagrams from the DNS ports delivered to sockets",
+        sources: &[
+            Source {
+                name: "fentry skb_consume_udp",
+                programs: &[Prog { name: "dns_skb_consume_udp", attach: Attach::FEntry("skb_consume_udp"), needs: SKB_NEEDS }],
+                loses: "",
+            },
+            Source {
+                name: "cgroup_skb ingress (cgroup v2 root)",
+                programs: &[Prog { name: "dns_ingress", attach: Attach::CgroupSkb(CgroupDir::Ingress), needs: SOCK_NEEDS }],
+                loses: "runs in softirq: the receiving task is the socket's last sender (joined by \
+                        socket cookie), not observed in the reader's own context",
+            },
+        ],
+    },
+    Signal {
+        name: "netfilter-drop",
+        what: "packets netfilter drops, with the conntrack entry on the skb; conntrack insert failures and clashes",
+        sources: &[
+            Source {
+                name: "fexit __nf_conntrack_confirm + nf_ct_resolve_clash, tp_btf kfree_skb",
+                programs: &[
+                    Prog { name: "nf_confirm_exit", attach: Attach::FExit("__nf_conntrack_confirm"), needs: &["skb_nfct", "ct_status", "ct_tuple_orig", "ct_tuple_reply"] },
+                    Prog { name: "nf_resolve_clash_exit", attach: Attach::FExit("nf_ct_resolve_clash"), needs: &["skb_nfct", "ct_status", "ct_tuple_orig", "tuplehash_tuple"] },
+                    Prog { name: "nf_kfree_skb", attach: Attach::BtfTracePoint("kfree_skb"), needs: &["drop_reason_netfilter", "skb_nfct", "skb_head", "skb_network_header"] },
+                ],
+                loses: "",
+            },
+            Source {
+                name: "tp_btf kfree_skb (reason NETFILTER_DROP)",
+                programs: &[
+                    Prog { name: "nf_kfree_skb", attach: Attach::BtfTracePoint("kfree_skb"), needs: &["drop_reason_netfilter", "skb_nfct", "skb_head", "skb_network_header"] },
+                ],
+                loses: "an insert failure is told apart from a rule drop only by the skb's \
+                        unconfirmed conntrack entry and the conntrack counters; clashes the kernel \
+                        resolved are not seen per packet, and the entry that won is not known",
+            },
+        ],
+    },
+];
+
+/// What happened to one source.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[serde(tag = "status", rename_all = "snake_case")]
+pub enum Outcome {
+    Chosen,
+    /// Loads and attaches, but a more precise source was chosen.
+    Available,
+    Refused {
+        program: String,
+        attach: String,
+        stage: &'static str,
+        errno: Option<i32>,
+        errno_name: Option<&'static str>,
+        meaning: String,
+        detail: String,
+    },
+    NotTried,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct SourceReport {
+    pub source: &'static str,
+    #[serde(flatten)]
+    pub outcome: Outcome,
+    #[serde(skip_serializing_if = "str::is_empty")]
+    pub loses: &'static str,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct SignalReport {
+    pub signal: &'static str,
+    pub what: &'static str,
+    pub chosen: Option<&'static str>,
+    pub sources: Vec<SourceReport>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct PlanReport {
+    pub signals: Vec<SignalReport>,
+}
+
+impl PlanReport {
+    /// The signals no source could serve.
+    pub fn unserved(&self) -> Vec<&'static str> {
+        self.signals
+            .iter()
+            .filter(|s| s.chosen.is_none())
+            .map(|s| s.signal)
+            .collect()
+    }
+
+    /// Human-readable table for `tracer probes` and the start of `tracer watch`.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        for s in &self.signals {
+            out += &format!("{}: {}\n", s.signal, s.what);
+            for r in &s.sources {
+                let (mark, text) = match &r.outcome {
+                    Outcome::Chosen => ("*", "chosen".to_string()),
+                    Outcome::Available => {
+                        ("+", "available (a more precise source was chosen)".into())
+                    }
+                    Outcome::NotTried => {
+                        (" ", "not tried (a more precise source was chosen)".into())
+                    }
+                    Outcome::Refused {
+                        program,
+                        attach,
+                        stage,
+                        errno,
+                        errno_name,
+                        meaning,
+                        ..
+                    } => {
+                        let e = match (errno, errno_name) {
+                            (Some(n), Some(name)) => format!("{name} ({n})"),
+                            (Some(n), None) => format!("errno {n}"),
+                            _ => "error".into(),
+                        };
+                        (
+                            "x",
+                            format!("refused at {stage} of {program} ({attach}): {e}: {meaning}"),
+                        )
+                    }
+                };
+                out += &format!("  {mark} {:<62} {text}\n", r.source);
+                if matches!(r.outcome, Outcome::Chosen) && !r.loses.is_empty() {
+                    out += &format!("      fallback loses: {}\n", r.loses);
+                }
+            }
+            if s.chosen.is_none() {
+                out += "  ! no source serves this signal on this kernel\n";
+            }
+        }
+        out
+    }
+}
+
+/// Where cgroup programs attach and which BTF to load against.
+pub struct Target<'a> {
+    pub btf: &'a Btf,
+    pub cgroup_root: &'a File,
+}
+
+/// Loads and attaches the plan. With `try_all`, every source is tried (for `tracer probes`)
+/// and those that work after the chosen one are reported `Available`.
+pub fn apply(
+    ebpf: &mut Ebpf,
+    target: &Target<'_>,
+    resolved: &Resolved,
+    try_all: bool,
+) -> PlanReport {
+    // A program shared by two sources (sendmmsg markers) is loaded once.
+    let mut loaded: BTreeMap<&'static str, Result<(), Outcome>> = BTreeMap::new();
+    let mut signals = Vec::new();
+    for signal in SIGNALS {
+        let mut chosen = None;
+        let mut sources = Vec::new();
+        for source in signal.sources {
+            let outcome = if chosen.is_some() && !try_all {
+                Outcome::NotTried
+            } else {
+                match try_source(
+                    ebpf,
+                    target,
+                    &resolved.offsets,
+                    source,
+                    &mut loaded,
+                    chosen.is_none(),
+                ) {
+                    Ok(()) if chosen.is_none() => {
+                        chosen = Some(source.name);
+                        Outcome::Chosen
+                    }
+                    Ok(()) => Outcome::Available,
+                    Err(refused) => refused,
+                }
+            };
+            sources.push(SourceReport {
+                source: source.name,
+                outcome,
+                loses: source.loses,
+            });
+        }
+        signals.push(SignalReport {
+            signal: signal.name,
+            what: signal.what,
+            chosen,
+            sources,
+        });
+    }
+    PlanReport { signals }
+}
+
+fn try_source(
+    ebpf: &mut Ebpf,
+    target: &Target<'_>,
+    offsets: &KernelOffsets,
+    source: &Source,
+    loaded: &mut BTreeMap<&'static str, Result<(), Outcome>>,
+    keep: bool,
+) -> Result<(), Outcome> {
+    let mut fresh = Vec::new();
+    let mut result = Ok(());
+    for prog in source.programs {
+        if let Some(prev) = loaded.get(prog.name) {
+            if let Err(e) = prev {
+                result = Err(e.clone());
+                break;
+            }
+            continue;
+        }
+        let r = load_and_attach(ebpf, target, offsets, prog);
+        loaded.insert(prog.name, r.clone());
+        if let Err(e) = r {
+            result = Err(e);
+            break;
+        }
+        fresh.push(prog);
+    }
+    // A source that failed part-way, or one only probed, gives back what it attached.
+    if result.is_err() || !keep {
+        for prog in fresh {
+            unload(ebpf, prog);
+            loaded.remove(prog.name);
+        }
+    }
+    result
+}
+
+/// Detaches and unloads one program (best effort: it was loaded by us a moment ago).
+fn unload(ebpf: &mut Ebpf, prog: &Prog) {
+    let Some(program) = ebpf.program_mut(prog.name) else {
+        return;
+    };
+    let r = match prog.attach {
+        Attach::FEntry(_) => <&mut FEntry>::try_from(program).and_then(|p| p.unload()),
+        Attach::FExit(_) => <&mut FExit>::try_from(program).and_then(|p| p.unload()),
+        Attach::BtfTracePoint(_) => {
+            <&mut BtfTracePoint>::try_from(program).and_then(|p| p.unload())
+        }
+        Attach::TracePoint(..) => <&mut TracePoint>::try_from(program).and_then(|p| p.unload()),
+        Attach::CgroupSkb(_) => <&mut CgroupSkb>::try_from(program).and_then(|p| p.unload()),
+    };
+    if let Err(e) = r {
+        log::warn!("unloading {}: {e}", prog.name);
+    }
+}
+
+fn refused(prog: &Prog, stage: &'static str, err: &(dyn std::error::Error + 'static)) -> Outcome {
+    let errno = errno_of(err);
+    Outcome::Refused {
+        program: prog.name.to_string(),
+        attach: prog.attach.describe(),
+        stage,
+        errno,
+        errno_name: errno.and_then(errno_name),
+        meaning: errno.map(meaning).unwrap_or_else(|| "see detail".into()),
+        detail: error_chain(err),
+    }
+}
+
+fn missing_offsets(prog: &Prog, offsets: &KernelOffsets) -> Option<Outcome> {
+    let missing: Vec<&str> = prog
+        .needs
+        .iter()
+        .copied()
+        .filter(|f| crate::offsets::field_value(offsets, f).is_none_or(|v| v == OFFSET_NONE))
+        .collect();
+    (!missing.is_empty()).then(|| Outcome::Refused {
+        program: prog.name.to_string(),
+        attach: prog.attach.describe(),
+        stage: "btf",
+        errno: None,
+        errno_name: None,
+        meaning: format!("this kernel's BTF lacks {}", missing.join(", ")),
+        detail: String::new(),
+    })
+}
+
+fn load_and_attach(
+    ebpf: &mut Ebpf,
+    target: &Target<'_>,
+    offsets: &KernelOffsets,
+    prog: &Prog,
+) -> Result<(), Outcome> {
+    if let Some(o) = missing_offsets(prog, offsets) {
+        return Err(o);
+    }
+    let program = ebpf
+        .program_mut(prog.name)
+        .ok_or_else(|| Outcome::Refused {
+            program: prog.name.to_string(),
+            attach: prog.attach.describe(),
+            stage: "object",
+            errno: None,
+            errno_name: None,
+            meaning: "program missing from the eBPF object (build mismatch)".into(),
+            detail: String::new(),
+        })?;
+    let wrong_type = |e: ProgramError| refused(prog, "object", &e);
+    macro_rules! la {
+        ($ty:ty, $load:expr, $attach:expr) => {{
+            let p: &mut $ty = program.try_into().map_err(wrong_type)?;
+            #[allow(clippy::redundant_closure_call)]
+            ($load)(&mut *p).map_err(|e: ProgramError| refused(prog, "load", &e))?;
+            #[allow(clippy::redundant_closure_call)]
+            ($attach)(&mut *p).map_err(|e: ProgramError| refused(prog, "attach", &e))?;
+        }};
+    }
+    match prog.attach {
+        Attach::FEntry(f) => la!(
+            FEntry,
+            |p: &mut FEntry| p.load(f, target.btf),
+            |p: &mut FEntry| p.attach().map(drop)
+        ),
+        Attach::FExit(f) => la!(
+            FExit,
+            |p: &mut FExit| p.load(f, target.btf),
+            |p: &mut FExit| p.attach().map(drop)
+        ),
+        Attach::BtfTracePoint(t) => la!(
+            BtfTracePoint,
+            |p: &mut BtfTracePoint| p.load(t, target.btf),
+            |p: &mut BtfTracePoint| p.attach().map(drop)
+        ),
+        Attach::TracePoint(c, n) => la!(
+            TracePoint,
+            |p: &mut TracePoint| p.load(),
+            |p: &mut TracePoint| p.attach(c, n).map(drop)
+        ),
+        Attach::CgroupSkb(dir) => {
+            // With bpf_link (5.7+) cgroup programs always coexist with others; the
+            // "multi" flag is only for the legacy attach and makes link_create fail.
+            let ty = match dir {
+                CgroupDir::Egress => CgroupSkbAttachType::Egress,
+                CgroupDir::Ingress => CgroupSkbAttachType::Ingress,
+            };
+            la!(
+                CgroupSkb,
+                |p: &mut CgroupSkb| p.load(),
+                |p: &mut CgroupSkb| p
+                    .attach(target.cgroup_root.as_fd(), ty, CgroupAttachMode::Single)
+                    .map(drop)
+            )
+        }
+    }
+    Ok(())
+}
+
+/// The first errno found along an error's source chain.
+pub fn errno_of(err: &(dyn std::error::Error + 'static)) -> Option<i32> {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(err);
+    while let Some(e) = cur {
+        if let Some(io) = e.downcast_ref::<io::Error>() {
+            if let Some(n) = io.raw_os_error() {
+                return Some(n);
+            }
+        }
+        if let Some(ProgramError::LoadError { io_error, .. }) = e.downcast_ref::<ProgramError>() {
+            return io_error.raw_os_error();
+        }
+        if let Some(ProgramError::SyscallError(s)) = e.downcast_ref::<ProgramError>() {
+            return s.io_error.raw_os_error();
+        }
+        cur = e.source();
+    }
+    None
+}
+
+fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut s = err.to_string();
+    let mut cur = err.source();
+    while let Some(e) = cur {
+        let t = e.to_string();
+        if !s.contains(&t) {
+            s += ": ";
+            s += &t;
+        }
+        cur = e.source();
+    }
+    // Verifier logs are long; the reason for a rejection is at their end.
+    const HEAD: usize = 300;
+    const TAIL: usize = 1700;
+    if s.len() > HEAD + TAIL {
+        let head_end = (0..=HEAD)
+            .rev()
+            .find(|&i| s.is_char_boundary(i))
+            .unwrap_or(0);
+        let tail_start = (s.len() - TAIL..s.len())
+            .find(|&i| s.is_char_boundary(i))
+            .unwrap_or(s.len());
+        s = format!("{} … {}", &s[..head_end], &s[tail_start..]);
+    }
+    s
+}
+
+pub fn errno_name(n: i32) -> Option<&'static str> {
+    Some(match n {
+        libc::EPERM => "EPERM",
+        libc::ENOENT => "ENOENT",
+        libc::ESRCH => "ESRCH",
+        libc::E2BIG => "E2BIG",
+        libc::EACCES => "EACCES",
+        libc::EBUSY => "EBUSY",
+        libc::EEXIST => "EEXIST",
+        libc::EINVAL => "EINVAL",
+        libc::EOPNOTSUPP => "EOPNOTSUPP",
+        524 => "ENOTSUPP",
+        _ => return None,
+    })
+}
+
+/// What an errno from loading or attaching a program means for the user.
+pub fn meaning(n: i32) -> String {
+    match n {
+        libc::EPERM => "the kernel refused the program: this kernel does not allow this program type \
+                        (e.g. BPF trampolines blocked by lockdown) or the process lacks CAP_BPF/CAP_PERFMON"
+            .into(),
+        libc::ENOENT | libc::ESRCH => "the kernel has no such function or tracepoint (renamed, inlined, or in a module)".into(),
+        libc::EACCES => "the verifier rejected the program on this kernel".into(),
+        libc::EINVAL => "the kernel rejected the program or its attach type (too old, or not supported here)".into(),
+        libc::E2BIG => "the program is too large for this kernel's verifier".into(),
+        libc::EBUSY => "the attach point is busy".into(),
+        libc::EOPNOTSUPP | 524 => "the kernel does not support this attach type on this architecture or configuration".into(),
+        _ => io::Error::from_raw_os_error(n).to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_signal_has_a_fallback_that_explains_its_loss() {
+        for s in SIGNALS {
+            assert!(s.sources.len() >= 2, "{} has no fallback", s.name);
+            assert!(s.sources[0].loses.is_empty());
+            for src in &s.sources[1..] {
+                assert!(
+                    !src.loses.is_empty(),
+                    "{} / {} does not say what it loses",
+                    s.name,
+                    src.name
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn needs_name_real_offset_fields() {
+        for s in SIGNALS {
+            for src in s.sources {
+                for p in src.programs {
+                    for f in p.needs {
+                        assert!(
+                            crate::offsets::field_value(&KernelOffsets::NONE, f).is_some(),
+                            "{} needs unknown field {f}",
+                            p.name
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn errno_is_found_through_the_chain() {
+        let e = ProgramError::SyscallError(aya::sys::SyscallError {
+            call: "bpf_prog_load",
+            io_error: io::Error::from_raw_os_error(libc::EPERM),
+        });
+        assert_eq!(errno_of(&e), Some(libc::EPERM));
+        assert_eq!(errno_name(libc::EPERM), Some("EPERM"));
+    }
+}

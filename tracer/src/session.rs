@@ -1,0 +1,164 @@
+//! A loaded tracer: preflight, BTF offsets, the eBPF object with its globals and port set,
+//! the kernel log forwarder, and the applied probe plan.
+
+use std::{
+    fs::File,
+    path::{Path, PathBuf},
+};
+
+use anyhow::Context as _;
+use aya::{
+    maps::{Array, MapData, PerCpuArray},
+    Btf, Ebpf, EbpfLoader,
+};
+use tracer_common::{Config, EventKind, PORT_WORDS};
+
+use crate::{btf::KernelBtf, offsets, plan, preflight};
+
+/// The eBPF object built by `build.rs` from `tracer-ebpf`.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tracer"));
+
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub ports: Vec<u16>,
+    pub btf_path: PathBuf,
+    pub cgroup: Option<PathBuf>,
+    /// Try every source of every signal (for `tracer probes`).
+    pub try_all: bool,
+}
+
+pub struct Session {
+    pub ebpf: Ebpf,
+    pub plan: plan::PlanReport,
+    pub offsets: offsets::Resolved,
+    pub logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
+}
+
+/// One bit per port, as the kernel's `PORTS` map holds them.
+pub fn port_words(ports: &[u16]) -> Vec<u64> {
+    let mut words = vec![0u64; PORT_WORDS as usize];
+    for &p in ports {
+        words[usize::from(p >> 6)] |= 1u64 << (p & 63);
+    }
+    words
+}
+
+impl Session {
+    pub fn start(opts: &Options) -> anyhow::Result<Self> {
+        preflight::check_privileges()?;
+        preflight::check_btf(&opts.btf_path)?;
+        let cgroup_path = preflight::cgroup_root(opts.cgroup.as_deref())?;
+        preflight::ensure_tracefs()?;
+        bump_memlock_rlimit();
+
+        let kbtf = KernelBtf::from_file(&opts.btf_path)?;
+        let offsets = offsets::resolve(&kbtf);
+        for f in offsets.missing() {
+            log::debug!(
+                "offset {} unresolved: {}",
+                f.name,
+                f.error.as_deref().unwrap_or("?")
+            );
+        }
+        let btf = Btf::parse_file(&opts.btf_path, aya::Endianness::default())
+            .with_context(|| format!("parsing BTF {}", opts.btf_path.display()))?;
+        let config = Config::default();
+        let mut ebpf = EbpfLoader::new()
+            .btf(Some(&btf))
+            .override_global("OFFSETS", &offsets.offsets, true)
+            .override_global("CONFIG", &config, true)
+            .load(OBJECT)
+            .context("loading the eBPF object (maps and globals)")?;
+
+        let mut ports: Array<&mut MapData, u64> =
+            Array::try_from(ebpf.map_mut("PORTS").context("PORTS map missing")?)?;
+        for (i, w) in port_words(&opts.ports).into_iter().enumerate() {
+            if w != 0 {
+                ports.set(i as u32, w, 0).context("writing the port set")?;
+            }
+        }
+
+        let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
+            Ok(l) => Some(l),
+            Err(e) => {
+                log::debug!("no kernel-side log: {e}");
+                None
+            }
+        };
+
+        let cgroup_root = File::open(&cgroup_path)
+            .with_context(|| format!("opening cgroup {}", cgroup_path.display()))?;
+        let target = plan::Target {
+            btf: &btf,
+            cgroup_root: &cgroup_root,
+        };
+        let plan = plan::apply(&mut ebpf, &target, &offsets, opts.try_all);
+        Ok(Session {
+            ebpf,
+            plan,
+            offsets,
+            logger,
+        })
+    }
+
+    /// Ring-buffer reservation failures per CPU, summed over record kinds.
+    pub fn lost_per_cpu(&self) -> anyhow::Result<Vec<u64>> {
+        let lost: PerCpuArray<&MapData, u64> =
+            PerCpuArray::try_from(self.ebpf.map("LOST").context("LOST map missing")?)?;
+        let mut per_cpu: Vec<u64> = Vec::new();
+        for kind in [
+            EventKind::DnsSend,
+            EventKind::DnsRecv,
+            EventKind::NfDrop,
+            EventKind::CtClash,
+        ] {
+            let values = lost.get(&(kind as u32), 0)?;
+            if per_cpu.len() < values.len() {
+                per_cpu.resize(values.len(), 0);
+            }
+            for (cpu, v) in values.iter().enumerate() {
+                per_cpu[cpu] += v;
+            }
+        }
+        Ok(per_cpu)
+    }
+}
+
+/// Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK.
+fn bump_memlock_rlimit() {
+    let rlim = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: setrlimit reads a valid, initialized struct.
+    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &rlim) } != 0 {
+        log::debug!("could not raise RLIMIT_MEMLOCK (only matters before Linux 5.11)");
+    }
+}
+
+/// Creates the readiness file (pwru's `--ready-file`), after checking its directory.
+pub fn check_writable_parent(path: &Path) -> anyhow::Result<()> {
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    anyhow::ensure!(
+        dir.is_dir(),
+        "{}: directory {} does not exist",
+        path.display(),
+        dir.display()
+    );
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn port_bits() {
+        let w = super::port_words(&[53, 5353, 65535]);
+        assert_eq!(w[0], 1 << 53);
+        assert_eq!(w[5353 / 64], 1 << (5353 % 64));
+        assert_eq!(w[1023], 1 << 63);
+        assert_eq!(w.iter().map(|x| x.count_ones()).sum::<u32>(), 3);
+    }
+}
