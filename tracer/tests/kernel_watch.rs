@@ -1,0 +1,252 @@
+//! Privileged tests: the real programs in the running kernel, real clients (glibc `getent`,
+//! `dig`), a real DNS server (dnsmasq) and real nftables rules, in namespaces made here.
+//! Run as root, one at a time (`cargo xtask test`).
+
+mod common;
+
+use std::{
+    collections::BTreeSet,
+    os::unix::fs::MetadataExt as _,
+    process::{Command, Stdio},
+};
+
+use common::*;
+use serde_json::Value;
+use tracer::netns::Dnsmasq;
+
+/// cgroup v2 id of this process's cgroup (children inherit it): the inode of its directory.
+fn own_cgroup_id() -> u64 {
+    let rel = std::fs::read_to_string("/proc/self/cgroup")
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("0::").map(str::to_owned))
+        .expect("no cgroup v2 line in /proc/self/cgroup");
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let root = tracer::preflight::cgroup2_mount(&mountinfo).expect("no cgroup2 mount");
+    std::fs::metadata(root.join(rel.trim_start_matches('/'))).unwrap().ino()
+}
+
+fn spawn_in(ns: &tracer::netns::Netns, args: &[&str]) -> (u32, std::process::Output) {
+    let child = ns
+        .command(args[0])
+        .args(&args[1..])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    (pid, child.wait_with_output().unwrap())
+}
+
+fn dns<'a>(e: &'a Value) -> &'a Value {
+    assert!(e.get("dns").is_some(), "event has no decoded DNS message: {e}");
+    &e["dns"]
+}
+
+#[test]
+fn glibc_lookup_from_a_child_netns_gives_send_and_receive_events() {
+    require_root();
+    let lab = Lab::new("tw");
+    let _dns = Dnsmasq::start(
+        &lab.server,
+        &Lab::server_ips(),
+        53,
+        &[("test.example", "10.77.0.99".parse().unwrap()), ("test.example", "fd77::99".parse().unwrap())],
+    )
+    .unwrap();
+    let _resolv = NetnsResolvConf::write(&lab.client, &format!("nameserver {SERVER_V4}\noptions timeout:2 attempts:1\n"));
+    let run = TracerRun::start(&[]);
+
+    let (pid, out) = spawn_in(&lab.client, &["getent", "ahosts", "test.example"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && stdout.contains("10.77.0.99") && stdout.contains("fd77::99"), "getent failed: {out:?}");
+
+    let events = run.stop();
+    let netns = lab.client.inode();
+    let mine = |e: &&Value| e["netns"] == netns;
+    let sends: Vec<&Value> = of_type(&events, "dns_send").into_iter().filter(mine).collect();
+    let recvs: Vec<&Value> = of_type(&events, "dns_recv").into_iter().filter(mine).collect();
+
+    // glibc sends A and AAAA together with sendmmsg from one socket.
+    assert_eq!(sends.len(), 2, "expected the A and AAAA queries: {sends:#?}");
+    let qtypes: BTreeSet<String> = sends.iter().map(|e| dns(e)["questions"][0]["qtype"].as_str().unwrap().to_owned()).collect();
+    assert_eq!(qtypes, BTreeSet::from(["A".to_owned(), "AAAA".to_owned()]));
+    let cgroup = own_cgroup_id();
+    for e in &sends {
+        assert_eq!(e["pid"], pid, "{e}");
+        assert_eq!(e["tid"], pid, "getent is single-threaded: {e}");
+        assert_eq!(e["comm"], "getent", "{e}");
+        assert_eq!(e["cgroup_id"], cgroup, "{e}");
+        assert_eq!(e["proto"], 17);
+        assert_eq!(e["dst"], format!("{SERVER_V4}:53"));
+        assert!(e["src"].as_str().unwrap().starts_with(&format!("{CLIENT_V4}:")), "{e}");
+        assert_eq!(e["source"], "cgroup_skb/egress");
+        assert_eq!(e["batch"], true, "sendmmsg batch not flagged: {e}");
+        assert_eq!(e["batch_len"], 2);
+        assert_eq!(dns(e)["response"], false);
+        assert_eq!(dns(e)["questions"][0]["name"], "test.example");
+        assert_eq!(e["sock_cookie"], sends[0]["sock_cookie"], "A and AAAA left one socket");
+        assert_eq!(e["src"], sends[0]["src"]);
+    }
+    assert_ne!(sends[0]["sock_cookie"], 0);
+
+    // Each query has its reply, on the same socket, attributed to the same process.
+    assert_eq!(recvs.len(), 2, "expected two replies: {recvs:#?}");
+    for q in &sends {
+        let id = &dns(q)["id"];
+        let r = recvs.iter().find(|r| dns(r)["id"] == *id).unwrap_or_else(|| panic!("no reply for {q}"));
+        assert_eq!(r["sock_cookie"], q["sock_cookie"]);
+        assert_eq!(r["src"], q["dst"]);
+        assert_eq!(r["dst"], q["src"]);
+        assert_eq!(r["pid"], pid);
+        assert_eq!(r["comm"], "getent");
+        assert_eq!(r["source"], "cgroup_skb/ingress");
+        assert_eq!(dns(r)["response"], true);
+        assert_eq!(dns(r)["questions"][0]["qtype"], dns(q)["questions"][0]["qtype"]);
+        let want = if dns(q)["questions"][0]["qtype"] == "A" { "10.77.0.99" } else { "fd77::99" };
+        assert_eq!(dns(r)["answers"][0]["data"], want, "{r}");
+        assert!(r["ts_ns"].as_u64().unwrap() > q["ts_ns"].as_u64().unwrap());
+    }
+    let s = summary(&events);
+    assert_eq!(s["lost"], 0, "{s}");
+    assert_eq!(s["decode_errors"], 0, "{s}");
+}
+
+#[test]
+fn dig_over_ipv6_gives_ipv6_tuples() {
+    require_root();
+    let lab = Lab::new("t6");
+    let _dns = Dnsmasq::start(&lab.server, &Lab::server_ips(), 53, &[("six.example", "fd77::66".parse().unwrap())]).unwrap();
+    let run = TracerRun::start(&[]);
+    let (pid, out) = spawn_in(&lab.client, &["dig", "-6", &format!("@{SERVER_V6}"), "six.example", "AAAA", "+short", "+time=2", "+tries=1"]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "fd77::66", "dig failed: {out:?}");
+    let events = run.stop();
+    let netns = lab.client.inode();
+    let sends: Vec<&Value> = of_type(&events, "dns_send").into_iter().filter(|e| e["netns"] == netns).collect();
+    assert_eq!(sends.len(), 1, "{sends:#?}");
+    let q = sends[0];
+    assert_eq!(q["pid"], pid);
+    assert_eq!(q["dst"], format!("[{SERVER_V6}]:53"));
+    assert!(q["src"].as_str().unwrap().starts_with(&format!("[{CLIENT_V6}]:")), "{q}");
+    assert_eq!(dns(q)["questions"][0]["qtype"], "AAAA");
+    assert_eq!(dns(q)["questions"][0]["name"], "six.example");
+    let r = of_type(&events, "dns_recv")
+        .into_iter()
+        .find(|r| r["netns"] == netns && dns(r)["id"] == dns(q)["id"])
+        .expect("no reply event");
+    assert_eq!(r["src"], q["dst"]);
+    assert_eq!(r["pid"], pid);
+    assert_eq!(dns(r)["answers"][0]["data"], "fd77::66");
+}
+
+/// Packets a named nft counter has seen, from `nft -j list ruleset` in `ns`.
+fn nft_counter_packets(ns: &tracer::netns::Netns) -> u64 {
+    let out = ns.run(["nft", "-j", "list", "ruleset"]).unwrap();
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let rules = v["nftables"].as_array().unwrap();
+    rules
+        .iter()
+        .filter_map(|r| r["rule"]["expr"].as_array())
+        .flatten()
+        .filter_map(|e| e["counter"]["packets"].as_u64())
+        .sum()
+}
+
+#[test]
+fn nft_drop_rule_gives_a_netfilter_drop_event_with_the_tuple() {
+    require_root();
+    let lab = Lab::new("td");
+    lab.server
+        .nft(
+            "table inet tracertest {\n\
+               chain input {\n\
+                 type filter hook input priority 0; policy accept;\n\
+                 udp dport 9999 ct state new counter drop\n\
+               }\n\
+             }\n",
+        )
+        .unwrap();
+    let run = TracerRun::start(&[]);
+    // dig as a datagram sender with a fixed source port; nobody answers, one try.
+    let _ = spawn_in(
+        &lab.client,
+        &["dig", &format!("@{SERVER_V4}"), "-p", "9999", "-b", &format!("{CLIENT_V4}#40999"), "x.example", "+time=1", "+tries=1"],
+    );
+    let events = run.stop();
+    let netns = lab.server.inode();
+    let drops: Vec<&Value> = of_type(&events, "nf_drop").into_iter().filter(|e| e["netns"] == netns).collect();
+    let counted = nft_counter_packets(&lab.server);
+    assert!(counted >= 1, "the rule dropped nothing");
+    assert_eq!(drops.len() as u64, counted, "drop events vs the rule's own counter: {drops:#?}");
+    let d = drops[0];
+    let pkt = serde_json::json!({"proto": 17, "src": format!("{CLIENT_V4}:40999"), "dst": format!("{SERVER_V4}:9999")});
+    assert_eq!(d["packet"], pkt, "{d}");
+    assert_eq!(d["source"], "tp_btf/kfree_skb");
+    assert_ne!(d["reason"], 0);
+    let ct = &d["conntrack"];
+    assert_eq!(ct["orig"], pkt, "{d}");
+    assert_eq!(ct["reply"], serde_json::json!({"proto": 17, "src": format!("{SERVER_V4}:9999"), "dst": format!("{CLIENT_V4}:40999")}));
+    assert_eq!(ct["confirmed"], false, "dropped before confirmation: {d}");
+    // The query itself is the transport payload.
+    assert!(d["payload_len"].as_u64().unwrap() > 12);
+    assert!(!d["payload"].as_str().unwrap().is_empty());
+    // Nothing was sent to a DNS port, so nothing DNS-like from the client.
+    assert!(of_type(&events, "dns_send").iter().all(|e| e["netns"] != lab.client.inode()));
+}
+
+#[test]
+fn probes_reports_refused_sources_with_errno_and_the_chosen_fallbacks() {
+    require_root();
+    let out = Command::new(TRACER).args(["probes", "--json"]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let plan: Value = serde_json::from_slice(&out.stdout).unwrap();
+    // Our build and CI kernels refuse BPF trampolines; the VM tier (other kernels) sets
+    // TRACER_TEST_TRAMPOLINES=allowed.
+    let allowed = std::env::var("TRACER_TEST_TRAMPOLINES").is_ok_and(|v| v == "allowed");
+    let signals = plan["signals"].as_array().unwrap();
+    let names: Vec<&str> = signals.iter().map(|s| s["signal"].as_str().unwrap()).collect();
+    assert_eq!(names, ["dns-send", "dns-receive", "netfilter-drop"]);
+    for s in signals {
+        let sources = s["sources"].as_array().unwrap();
+        let precise = &sources[0];
+        assert!(precise["source"].as_str().unwrap().starts_with("fexit") || precise["source"].as_str().unwrap().starts_with("fentry"));
+        if allowed {
+            assert_eq!(precise["status"], "chosen", "{s}");
+        } else {
+            assert_eq!(precise["status"], "refused", "{s}");
+            assert_eq!(precise["stage"], "load", "{s}");
+            assert_eq!(precise["errno"], libc::EPERM, "{s}");
+            assert_eq!(precise["errno_name"], "EPERM");
+            assert_eq!(s["chosen"], sources[1]["source"], "{s}");
+            assert_eq!(sources[1]["status"], "chosen");
+            assert!(!sources[1]["loses"].as_str().unwrap().is_empty());
+        }
+    }
+}
+
+fn tracer_fails(args: &[&str], wrap: Option<&[&str]>) -> String {
+    let mut cmd = match wrap {
+        Some(w) => {
+            let mut c = Command::new(w[0]);
+            c.args(&w[1..]).arg(TRACER);
+            c
+        }
+        None => Command::new(TRACER),
+    };
+    let out = cmd.args(args).output().unwrap();
+    assert!(!out.status.success(), "{args:?} succeeded");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn bad_input_gives_clear_errors() {
+    require_root();
+    assert!(tracer_fails(&["watch", "--ports", "53,0"], None).contains("invalid port '0'"));
+    assert!(tracer_fails(&["watch", "--ports", "53,"], None).contains("empty item"));
+    assert!(tracer_fails(&["watch", "--btf", "/nonexistent/vmlinux"], None).contains("no kernel BTF at /nonexistent/vmlinux"));
+    assert!(tracer_fails(&["watch", "--cgroup", "/tmp"], None).contains("not a cgroup v2 directory"));
+    assert!(tracer_fails(&["watch", "--ready-file", "/nonexistent/dir/ready"], None).contains("does not exist"));
+    let unprivileged = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all"];
+    let e = tracer_fails(&["watch"], Some(&unprivileged));
+    assert!(e.contains("not privileged enough: missing CAP_BPF, CAP_PERFMON, CAP_NET_ADMIN"), "{e}");
+}
