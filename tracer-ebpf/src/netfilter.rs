@@ -12,6 +12,7 @@ use aya_ebpf::{
     macros::{btf_tracepoint, fexit},
     programs::{BtfTracePointContext, FExitContext},
 };
+use aya_log_ebpf::warn;
 use tracer_common::{
     EventKind, NfEvent, SourceId, Tuple, CT_FLAG_OTHER, CT_FLAG_PRESENT, DROP_PAYLOAD_CAP,
 };
@@ -27,6 +28,7 @@ use crate::{
 const NF_DROP: i32 = 0;
 
 /// Fills and submits one `NfEvent` for `skb`; `other` is the clash winner's tuple, if any.
+/// Returns `false` when the packet's headers could not be read.
 #[inline(always)]
 fn emit(
     kind: EventKind,
@@ -36,10 +38,10 @@ fn emit(
     reason: u32,
     verdict: i32,
     other: *const u8,
-) {
+) -> bool {
     let Some(mut entry) = EVENTS.reserve::<NfEvent>(0) else {
         count_lost(kind);
-        return;
+        return true;
     };
     let p = entry.as_mut_ptr();
     let ct = skb_conntrack(skb);
@@ -55,6 +57,7 @@ fn emit(
         read_ptr(ct, off!(ct_net)).ok()
     };
     let l4 = skb_l4(skb);
+    let parsed = l4.is_some();
     // SAFETY: `p` points at a reserved, exclusively owned `NfEvent`; every field is written
     // before submit (payload bytes past `cap_len` are never read).
     unsafe {
@@ -104,6 +107,7 @@ fn emit(
         }
     }
     entry.submit(0);
+    parsed
 }
 
 /// Fills `dst` from the tuple at `base + offset`, or zeroes when the offset is unknown.
@@ -125,7 +129,7 @@ pub fn nf_kfree_skb(ctx: BtfTracePointContext) -> u32 {
     }
     let skb: *const u8 = ctx.arg(0);
     let location: u64 = ctx.arg(1);
-    emit(
+    let parsed = emit(
         EventKind::NfDrop,
         SourceId::TpBtfKfreeSkb,
         skb,
@@ -134,6 +138,12 @@ pub fn nf_kfree_skb(ctx: BtfTracePointContext) -> u32 {
         0,
         null(),
     );
+    if !parsed {
+        warn!(
+            &ctx,
+            "netfilter drop at {:x}: packet headers unreadable", location
+        );
+    }
     0
 }
 
@@ -143,7 +153,7 @@ pub fn nf_confirm_exit(ctx: FExitContext) -> i32 {
     let ret: i32 = ctx.arg(1);
     if ret == NF_DROP {
         let skb: *const u8 = ctx.arg(0);
-        emit(
+        let _ = emit(
             EventKind::NfDrop,
             SourceId::FexitNfConntrackConfirm,
             skb,
@@ -167,7 +177,7 @@ pub fn nf_resolve_clash_exit(ctx: FExitContext) -> i32 {
         Ok(o) if !h.is_null() => h.wrapping_add(o),
         _ => null(),
     };
-    emit(
+    let _ = emit(
         EventKind::CtClash,
         SourceId::FexitNfCtResolveClash,
         skb,
