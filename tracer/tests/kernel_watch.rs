@@ -23,7 +23,9 @@ fn own_cgroup_id() -> u64 {
         .expect("no cgroup v2 line in /proc/self/cgroup");
     let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
     let root = tracer::preflight::cgroup2_mount(&mountinfo).expect("no cgroup2 mount");
-    std::fs::metadata(root.join(rel.trim_start_matches('/'))).unwrap().ino()
+    std::fs::metadata(root.join(rel.trim_start_matches('/')))
+        .unwrap()
+        .ino()
 }
 
 fn spawn_in(ns: &tracer::netns::Netns, args: &[&str]) -> (u32, std::process::Output) {
@@ -39,7 +41,10 @@ fn spawn_in(ns: &tracer::netns::Netns, args: &[&str]) -> (u32, std::process::Out
 }
 
 fn dns<'a>(e: &'a Value) -> &'a Value {
-    assert!(e.get("dns").is_some(), "event has no decoded DNS message: {e}");
+    assert!(
+        e.get("dns").is_some(),
+        "event has no decoded DNS message: {e}"
+    );
     &e["dns"]
 }
 
@@ -51,25 +56,47 @@ fn glibc_lookup_from_a_child_netns_gives_send_and_receive_events() {
         &lab.server,
         &Lab::server_ips(),
         53,
-        &[("test.example", "10.77.0.99".parse().unwrap()), ("test.example", "fd77::99".parse().unwrap())],
+        &[
+            ("test.example", "10.77.0.99".parse().unwrap()),
+            ("test.example", "fd77::99".parse().unwrap()),
+        ],
     )
     .unwrap();
-    let _resolv = NetnsResolvConf::write(&lab.client, &format!("nameserver {SERVER_V4}\noptions timeout:2 attempts:1\n"));
+    let _resolv = NetnsResolvConf::write(
+        &lab.client,
+        &format!("nameserver {SERVER_V4}\noptions timeout:2 attempts:1\n"),
+    );
     let run = TracerRun::start(&[]);
 
     let (pid, out) = spawn_in(&lab.client, &["getent", "ahosts", "test.example"]);
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success() && stdout.contains("10.77.0.99") && stdout.contains("fd77::99"), "getent failed: {out:?}");
+    assert!(
+        out.status.success() && stdout.contains("10.77.0.99") && stdout.contains("fd77::99"),
+        "getent failed: {out:?}"
+    );
 
     let events = run.stop();
     let netns = lab.client.inode();
     let mine = |e: &&Value| e["netns"] == netns;
-    let sends: Vec<&Value> = of_type(&events, "dns_send").into_iter().filter(mine).collect();
-    let recvs: Vec<&Value> = of_type(&events, "dns_recv").into_iter().filter(mine).collect();
+    let sends: Vec<&Value> = of_type(&events, "dns_send")
+        .into_iter()
+        .filter(mine)
+        .collect();
+    let recvs: Vec<&Value> = of_type(&events, "dns_recv")
+        .into_iter()
+        .filter(mine)
+        .collect();
 
     // glibc sends A and AAAA together with sendmmsg from one socket.
-    assert_eq!(sends.len(), 2, "expected the A and AAAA queries: {sends:#?}");
-    let qtypes: BTreeSet<String> = sends.iter().map(|e| dns(e)["questions"][0]["qtype"].as_str().unwrap().to_owned()).collect();
+    assert_eq!(
+        sends.len(),
+        2,
+        "expected the A and AAAA queries: {sends:#?}"
+    );
+    let qtypes: BTreeSet<String> = sends
+        .iter()
+        .map(|e| dns(e)["questions"][0]["qtype"].as_str().unwrap().to_owned())
+        .collect();
     assert_eq!(qtypes, BTreeSet::from(["A".to_owned(), "AAAA".to_owned()]));
     let cgroup = own_cgroup_id();
     for e in &sends {
@@ -79,13 +106,22 @@ fn glibc_lookup_from_a_child_netns_gives_send_and_receive_events() {
         assert_eq!(e["cgroup_id"], cgroup, "{e}");
         assert_eq!(e["proto"], 17);
         assert_eq!(e["dst"], format!("{SERVER_V4}:53"));
-        assert!(e["src"].as_str().unwrap().starts_with(&format!("{CLIENT_V4}:")), "{e}");
+        assert!(
+            e["src"]
+                .as_str()
+                .unwrap()
+                .starts_with(&format!("{CLIENT_V4}:")),
+            "{e}"
+        );
         assert_eq!(e["source"], "cgroup_skb/egress");
         assert_eq!(e["batch"], true, "sendmmsg batch not flagged: {e}");
         assert_eq!(e["batch_len"], 2);
         assert_eq!(dns(e)["response"], false);
         assert_eq!(dns(e)["questions"][0]["name"], "test.example");
-        assert_eq!(e["sock_cookie"], sends[0]["sock_cookie"], "A and AAAA left one socket");
+        assert_eq!(
+            e["sock_cookie"], sends[0]["sock_cookie"],
+            "A and AAAA left one socket"
+        );
         assert_eq!(e["src"], sends[0]["src"]);
     }
     assert_ne!(sends[0]["sock_cookie"], 0);
@@ -94,7 +130,10 @@ fn glibc_lookup_from_a_child_netns_gives_send_and_receive_events() {
     assert_eq!(recvs.len(), 2, "expected two replies: {recvs:#?}");
     for q in &sends {
         let id = &dns(q)["id"];
-        let r = recvs.iter().find(|r| dns(r)["id"] == *id).unwrap_or_else(|| panic!("no reply for {q}"));
+        let r = recvs
+            .iter()
+            .find(|r| dns(r)["id"] == *id)
+            .unwrap_or_else(|| panic!("no reply for {q}"));
         assert_eq!(r["sock_cookie"], q["sock_cookie"]);
         assert_eq!(r["src"], q["dst"]);
         assert_eq!(r["dst"], q["src"]);
@@ -102,8 +141,15 @@ fn glibc_lookup_from_a_child_netns_gives_send_and_receive_events() {
         assert_eq!(r["comm"], "getent");
         assert_eq!(r["source"], "cgroup_skb/ingress");
         assert_eq!(dns(r)["response"], true);
-        assert_eq!(dns(r)["questions"][0]["qtype"], dns(q)["questions"][0]["qtype"]);
-        let want = if dns(q)["questions"][0]["qtype"] == "A" { "10.77.0.99" } else { "fd77::99" };
+        assert_eq!(
+            dns(r)["questions"][0]["qtype"],
+            dns(q)["questions"][0]["qtype"]
+        );
+        let want = if dns(q)["questions"][0]["qtype"] == "A" {
+            "10.77.0.99"
+        } else {
+            "fd77::99"
+        };
         assert_eq!(dns(r)["answers"][0]["data"], want, "{r}");
         assert!(r["ts_ns"].as_u64().unwrap() > q["ts_ns"].as_u64().unwrap());
     }
@@ -116,18 +162,49 @@ fn glibc_lookup_from_a_child_netns_gives_send_and_receive_events() {
 fn dig_over_ipv6_gives_ipv6_tuples() {
     require_root();
     let lab = Lab::new("t6");
-    let _dns = Dnsmasq::start(&lab.server, &Lab::server_ips(), 53, &[("six.example", "fd77::66".parse().unwrap())]).unwrap();
+    let _dns = Dnsmasq::start(
+        &lab.server,
+        &Lab::server_ips(),
+        53,
+        &[("six.example", "fd77::66".parse().unwrap())],
+    )
+    .unwrap();
     let run = TracerRun::start(&[]);
-    let (pid, out) = spawn_in(&lab.client, &["dig", "-6", &format!("@{SERVER_V6}"), "six.example", "AAAA", "+short", "+time=2", "+tries=1"]);
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "fd77::66", "dig failed: {out:?}");
+    let (pid, out) = spawn_in(
+        &lab.client,
+        &[
+            "dig",
+            "-6",
+            &format!("@{SERVER_V6}"),
+            "six.example",
+            "AAAA",
+            "+short",
+            "+time=2",
+            "+tries=1",
+        ],
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "fd77::66",
+        "dig failed: {out:?}"
+    );
     let events = run.stop();
     let netns = lab.client.inode();
-    let sends: Vec<&Value> = of_type(&events, "dns_send").into_iter().filter(|e| e["netns"] == netns).collect();
+    let sends: Vec<&Value> = of_type(&events, "dns_send")
+        .into_iter()
+        .filter(|e| e["netns"] == netns)
+        .collect();
     assert_eq!(sends.len(), 1, "{sends:#?}");
     let q = sends[0];
     assert_eq!(q["pid"], pid);
     assert_eq!(q["dst"], format!("[{SERVER_V6}]:53"));
-    assert!(q["src"].as_str().unwrap().starts_with(&format!("[{CLIENT_V6}]:")), "{q}");
+    assert!(
+        q["src"]
+            .as_str()
+            .unwrap()
+            .starts_with(&format!("[{CLIENT_V6}]:")),
+        "{q}"
+    );
     assert_eq!(dns(q)["questions"][0]["qtype"], "AAAA");
     assert_eq!(dns(q)["questions"][0]["name"], "six.example");
     let r = of_type(&events, "dns_recv")
@@ -170,14 +247,31 @@ fn nft_drop_rule_gives_a_netfilter_drop_event_with_the_tuple() {
     // dig as a datagram sender with a fixed source port; nobody answers, one try.
     let _ = spawn_in(
         &lab.client,
-        &["dig", &format!("@{SERVER_V4}"), "-p", "9999", "-b", &format!("{CLIENT_V4}#40999"), "x.example", "+time=1", "+tries=1"],
+        &[
+            "dig",
+            &format!("@{SERVER_V4}"),
+            "-p",
+            "9999",
+            "-b",
+            &format!("{CLIENT_V4}#40999"),
+            "x.example",
+            "+time=1",
+            "+tries=1",
+        ],
     );
     let events = run.stop();
     let netns = lab.server.inode();
-    let drops: Vec<&Value> = of_type(&events, "nf_drop").into_iter().filter(|e| e["netns"] == netns).collect();
+    let drops: Vec<&Value> = of_type(&events, "nf_drop")
+        .into_iter()
+        .filter(|e| e["netns"] == netns)
+        .collect();
     let counted = nft_counter_packets(&lab.server);
     assert!(counted >= 1, "the rule dropped nothing");
-    assert_eq!(drops.len() as u64, counted, "drop events vs the rule's own counter: {drops:#?}");
+    assert_eq!(
+        drops.len() as u64,
+        counted,
+        "drop events vs the rule's own counter: {drops:#?}"
+    );
     let d = drops[0];
     let pkt = serde_json::json!({"proto": 17, "src": format!("{CLIENT_V4}:40999"), "dst": format!("{SERVER_V4}:9999")});
     assert_eq!(d["packet"], pkt, "{d}");
@@ -185,31 +279,49 @@ fn nft_drop_rule_gives_a_netfilter_drop_event_with_the_tuple() {
     assert_ne!(d["reason"], 0);
     let ct = &d["conntrack"];
     assert_eq!(ct["orig"], pkt, "{d}");
-    assert_eq!(ct["reply"], serde_json::json!({"proto": 17, "src": format!("{SERVER_V4}:9999"), "dst": format!("{CLIENT_V4}:40999")}));
+    assert_eq!(
+        ct["reply"],
+        serde_json::json!({"proto": 17, "src": format!("{SERVER_V4}:9999"), "dst": format!("{CLIENT_V4}:40999")})
+    );
     assert_eq!(ct["confirmed"], false, "dropped before confirmation: {d}");
     // The query itself is the transport payload.
     assert!(d["payload_len"].as_u64().unwrap() > 12);
     assert!(!d["payload"].as_str().unwrap().is_empty());
     // Nothing was sent to a DNS port, so nothing DNS-like from the client.
-    assert!(of_type(&events, "dns_send").iter().all(|e| e["netns"] != lab.client.inode()));
+    assert!(of_type(&events, "dns_send")
+        .iter()
+        .all(|e| e["netns"] != lab.client.inode()));
 }
 
 #[test]
 fn probes_reports_refused_sources_with_errno_and_the_chosen_fallbacks() {
     require_root();
-    let out = Command::new(TRACER).args(["probes", "--json"]).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(TRACER)
+        .args(["probes", "--json"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let plan: Value = serde_json::from_slice(&out.stdout).unwrap();
     // Our build and CI kernels refuse BPF trampolines; the VM tier (other kernels) sets
     // TRACER_TEST_TRAMPOLINES=allowed.
     let allowed = std::env::var("TRACER_TEST_TRAMPOLINES").is_ok_and(|v| v == "allowed");
     let signals = plan["signals"].as_array().unwrap();
-    let names: Vec<&str> = signals.iter().map(|s| s["signal"].as_str().unwrap()).collect();
+    let names: Vec<&str> = signals
+        .iter()
+        .map(|s| s["signal"].as_str().unwrap())
+        .collect();
     assert_eq!(names, ["dns-send", "dns-receive", "netfilter-drop"]);
     for s in signals {
         let sources = s["sources"].as_array().unwrap();
         let precise = &sources[0];
-        assert!(precise["source"].as_str().unwrap().starts_with("fexit") || precise["source"].as_str().unwrap().starts_with("fentry"));
+        assert!(
+            precise["source"].as_str().unwrap().starts_with("fexit")
+                || precise["source"].as_str().unwrap().starts_with("fentry")
+        );
         if allowed {
             assert_eq!(precise["status"], "chosen", "{s}");
         } else {
@@ -243,10 +355,27 @@ fn bad_input_gives_clear_errors() {
     require_root();
     assert!(tracer_fails(&["watch", "--ports", "53,0"], None).contains("invalid port '0'"));
     assert!(tracer_fails(&["watch", "--ports", "53,"], None).contains("empty item"));
-    assert!(tracer_fails(&["watch", "--btf", "/nonexistent/vmlinux"], None).contains("no kernel BTF at /nonexistent/vmlinux"));
-    assert!(tracer_fails(&["watch", "--cgroup", "/tmp"], None).contains("not a cgroup v2 directory"));
-    assert!(tracer_fails(&["watch", "--ready-file", "/nonexistent/dir/ready"], None).contains("does not exist"));
-    let unprivileged = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all"];
+    assert!(
+        tracer_fails(&["watch", "--btf", "/nonexistent/vmlinux"], None)
+            .contains("no kernel BTF at /nonexistent/vmlinux")
+    );
+    assert!(
+        tracer_fails(&["watch", "--cgroup", "/tmp"], None).contains("not a cgroup v2 directory")
+    );
+    assert!(
+        tracer_fails(&["watch", "--ready-file", "/nonexistent/dir/ready"], None)
+            .contains("does not exist")
+    );
+    let unprivileged = [
+        "setpriv",
+        "--reuid=65534",
+        "--regid=65534",
+        "--clear-groups",
+        "--inh-caps=-all",
+    ];
     let e = tracer_fails(&["watch"], Some(&unprivileged));
-    assert!(e.contains("not privileged enough: missing CAP_BPF, CAP_PERFMON, CAP_NET_ADMIN"), "{e}");
+    assert!(
+        e.contains("not privileged enough: missing CAP_BPF, CAP_PERFMON, CAP_NET_ADMIN"),
+        "{e}"
+    );
 }

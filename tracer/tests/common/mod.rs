@@ -33,7 +33,8 @@ pub struct TracerRun {
 impl TracerRun {
     /// Starts `tracer watch --json` with `extra` args and waits for its ready file.
     pub fn start(extra: &[&str]) -> TracerRun {
-        let dir = std::env::temp_dir().join(format!("tracer-test-{}-{}", std::process::id(), unique()));
+        let dir =
+            std::env::temp_dir().join(format!("tracer-test-{}-{}", std::process::id(), unique()));
         fs::create_dir_all(&dir).unwrap();
         let ready = dir.join("ready");
         let out = fs::File::create(dir.join("out.jsonl")).unwrap();
@@ -46,13 +47,23 @@ impl TracerRun {
             .stderr(err)
             .spawn()
             .expect("spawning tracer");
-        let mut run = TracerRun { child: Some(child), dir };
+        let mut run = TracerRun {
+            child: Some(child),
+            dir,
+        };
         let deadline = Instant::now() + Duration::from_secs(30);
         while !ready.exists() {
             if let Some(status) = run.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!("tracer exited with {status} before it was ready:\n{}", run.stderr());
+                panic!(
+                    "tracer exited with {status} before it was ready:\n{}",
+                    run.stderr()
+                );
             }
-            assert!(Instant::now() < deadline, "tracer not ready after 30 s:\n{}", run.stderr());
+            assert!(
+                Instant::now() < deadline,
+                "tracer not ready after 30 s:\n{}",
+                run.stderr()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
         run
@@ -70,9 +81,16 @@ impl TracerRun {
         let status = wait_timeout(&mut child, Duration::from_secs(10)).unwrap_or_else(|| {
             let _ = child.kill();
             let _ = child.wait();
-            panic!("tracer did not stop within 10 s of SIGINT:\n{}", self.stderr())
+            panic!(
+                "tracer did not stop within 10 s of SIGINT:\n{}",
+                self.stderr()
+            )
         });
-        assert!(status.success(), "tracer exited with {status}:\n{}", self.stderr());
+        assert!(
+            status.success(),
+            "tracer exited with {status}:\n{}",
+            self.stderr()
+        );
         let text = fs::read_to_string(self.dir.join("out.jsonl")).unwrap();
         text.lines()
             .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad JSON line {l:?}: {e}")))
@@ -172,5 +190,9 @@ pub fn of_type<'a>(events: &'a [Value], ty: &str) -> Vec<&'a Value> {
 
 /// The summary line every run ends with.
 pub fn summary(events: &[Value]) -> &Value {
-    events.iter().rev().find(|e| e["type"] == "summary").expect("no summary line")
+    events
+        .iter()
+        .rev()
+        .find(|e| e["type"] == "summary")
+        .expect("no summary line")
 }
