@@ -51,7 +51,8 @@ fn run() -> anyhow::Result<()> {
         );
     }
     if find_in_path("rustup").is_none() {
-        bail!("rustup not found on PATH: aya-build runs `rustup run {EBPF_TOOLCHAIN} cargo build ...`");
+        bail!("rustup not found on PATH: aya-build runs `rustup run {EBPF_TOOLCHAIN} cargo build ...`; \
+             build with rustup's cargo (~/.cargo/bin first on PATH), not Debian's /usr/bin/cargo");
     }
 
     // bpf-linker: the one `cargo xtask setup` put in <workspace>/.tools/bin wins.

@@ -270,6 +270,15 @@ fn resolve_candidate(btf: &KernelBtf, kind: Kind, cand: &str, word: u32) -> Resu
     }
 }
 
+/// The value of the `KernelOffsets` field called `name`; `None` for an unknown name.
+pub fn field_value(offsets: &KernelOffsets, name: &str) -> Option<u32> {
+    let mut copy = *offsets;
+    TABLE
+        .iter()
+        .find(|f| f.name == name)
+        .map(|f| *(f.slot)(&mut copy))
+}
+
 #[cfg(test)]
 mod tests {
     use std::collections::HashSet;
@@ -357,13 +366,4 @@ mod tests {
             112
         );
     }
-}
-
-/// The value of the `KernelOffsets` field called `name`; `None` for an unknown name.
-pub fn field_value(offsets: &KernelOffsets, name: &str) -> Option<u32> {
-    let mut copy = *offsets;
-    TABLE
-        .iter()
-        .find(|f| f.name == name)
-        .map(|f| *(f.slot)(&mut copy))
 }

@@ -181,16 +181,20 @@ pub enum Outcome {
     Chosen,
     /// Loads and attaches, but a more precise source was chosen.
     Available,
-    Refused {
-        program: String,
-        attach: String,
-        stage: &'static str,
-        errno: Option<i32>,
-        errno_name: Option<&'static str>,
-        meaning: String,
-        detail: String,
-    },
+    Refused(Box<Refusal>),
     NotTried,
+}
+
+/// Why a source could not be used: the program, the stage that failed and the errno.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct Refusal {
+    pub program: String,
+    pub attach: String,
+    pub stage: &'static str,
+    pub errno: Option<i32>,
+    pub errno_name: Option<&'static str>,
+    pub meaning: String,
+    pub detail: String,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -239,15 +243,16 @@ impl PlanReport {
                     Outcome::NotTried => {
                         (" ", "not tried (a more precise source was chosen)".into())
                     }
-                    Outcome::Refused {
-                        program,
-                        attach,
-                        stage,
-                        errno,
-                        errno_name,
-                        meaning,
-                        ..
-                    } => {
+                    Outcome::Refused(r) => {
+                        let Refusal {
+                            program,
+                            attach,
+                            stage,
+                            errno,
+                            errno_name,
+                            meaning,
+                            ..
+                        } = &**r;
                         let e = match (errno, errno_name) {
                             (Some(n), Some(name)) => format!("{name} ({n})"),
                             (Some(n), None) => format!("errno {n}"),
@@ -385,7 +390,7 @@ fn unload(ebpf: &mut Ebpf, prog: &Prog) {
 
 fn refused(prog: &Prog, stage: &'static str, err: &(dyn std::error::Error + 'static)) -> Outcome {
     let errno = errno_of(err);
-    Outcome::Refused {
+    Outcome::Refused(Box::new(Refusal {
         program: prog.name.to_string(),
         attach: prog.attach.describe(),
         stage,
@@ -393,7 +398,7 @@ fn refused(prog: &Prog, stage: &'static str, err: &(dyn std::error::Error + 'sta
         errno_name: errno.and_then(errno_name),
         meaning: errno.map(meaning).unwrap_or_else(|| "see detail".into()),
         detail: error_chain(err),
-    }
+    }))
 }
 
 fn missing_offsets(prog: &Prog, offsets: &KernelOffsets) -> Option<Outcome> {
@@ -403,14 +408,16 @@ fn missing_offsets(prog: &Prog, offsets: &KernelOffsets) -> Option<Outcome> {
         .copied()
         .filter(|f| crate::offsets::field_value(offsets, f).is_none_or(|v| v == OFFSET_NONE))
         .collect();
-    (!missing.is_empty()).then(|| Outcome::Refused {
-        program: prog.name.to_string(),
-        attach: prog.attach.describe(),
-        stage: "btf",
-        errno: None,
-        errno_name: None,
-        meaning: format!("this kernel's BTF lacks {}", missing.join(", ")),
-        detail: String::new(),
+    (!missing.is_empty()).then(|| {
+        Outcome::Refused(Box::new(Refusal {
+            program: prog.name.to_string(),
+            attach: prog.attach.describe(),
+            stage: "btf",
+            errno: None,
+            errno_name: None,
+            meaning: format!("this kernel's BTF lacks {}", missing.join(", ")),
+            detail: String::new(),
+        }))
     })
 }
 
@@ -423,9 +430,8 @@ fn load_and_attach(
     if let Some(o) = missing_offsets(prog, offsets) {
         return Err(o);
     }
-    let program = ebpf
-        .program_mut(prog.name)
-        .ok_or_else(|| Outcome::Refused {
+    let program = ebpf.program_mut(prog.name).ok_or_else(|| {
+        Outcome::Refused(Box::new(Refusal {
             program: prog.name.to_string(),
             attach: prog.attach.describe(),
             stage: "object",
@@ -433,7 +439,8 @@ fn load_and_attach(
             errno_name: None,
             meaning: "program missing from the eBPF object (build mismatch)".into(),
             detail: String::new(),
-        })?;
+        }))
+    })?;
     let wrong_type = |e: ProgramError| refused(prog, "object", &e);
     macro_rules! la {
         ($ty:ty, $load:expr, $attach:expr) => {{

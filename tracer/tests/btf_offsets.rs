@@ -7,13 +7,6 @@
 //! Reading `/sys/kernel/btf/vmlinux` needs no root. The file and both tools are required:
 //! a missing one fails the test (`cargo xtask setup` installs the tools).
 
-#[path = "../src/btf.rs"]
-#[allow(dead_code)]
-mod btf;
-#[path = "../src/offsets.rs"]
-#[allow(dead_code)]
-mod offsets;
-
 use std::{
     collections::HashMap,
     env,
@@ -21,6 +14,7 @@ use std::{
     process::Command,
 };
 
+use tracer::{btf, offsets};
 use tracer_common::{KernelOffsets, OFFSET_NONE};
 
 const VMLINUX: &str = "/sys/kernel/btf/vmlinux";

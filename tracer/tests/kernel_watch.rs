@@ -40,7 +40,7 @@ fn spawn_in(ns: &tracer::netns::Netns, args: &[&str]) -> (u32, std::process::Out
     (pid, child.wait_with_output().unwrap())
 }
 
-fn dns<'a>(e: &'a Value) -> &'a Value {
+fn dns(e: &Value) -> &Value {
     assert!(
         e.get("dns").is_some(),
         "event has no decoded DNS message: {e}"

@@ -1,1 +1,69 @@
-fn main(){}
+//! Project automation: `cargo xtask <verb>` (alias in `.cargo/config.toml`).
+//!
+//! Verbs: `setup` (toolchain, tools, mounts; idempotent), `test`, `lint`, `watch`.
+
+mod lint;
+mod setup;
+mod test;
+mod util;
+mod watch;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "cargo xtask",
+    bin_name = "cargo xtask",
+    about = "Build, test and run the conntrack/DNS tracer"
+)]
+struct Cli {
+    #[command(subcommand)]
+    verb: Verb,
+}
+
+#[derive(Subcommand)]
+enum Verb {
+    /// Install the Debian toolchain and tools, bpf-linker, and mount tracefs/bpffs (idempotent).
+    Setup,
+    /// Setup, build everything, then run unit, doc and (as root) integration tests.
+    ///
+    /// Arguments after `--` are passed to every `cargo test`; a second `--` inside them
+    /// separates arguments for the test harness, e.g. `cargo xtask test -- dns -- --nocapture`.
+    Test {
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// Run clippy (host crates and the eBPF crate) with warnings denied, and rustfmt --check.
+    Lint,
+    /// Setup, build the tracer in release mode, then run `tracer watch <args>`.
+    Watch {
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    let verb = Cli::parse().verb;
+    if std::env::var_os("CARGO").is_some_and(|c| c == "/usr/bin/cargo") {
+        eprintln!(
+            "xtask: warning: running under Debian's /usr/bin/cargo (cargo-web, meant for the \
+             eBPF crate only); put ~/.cargo/bin first on PATH to use rustup's stable"
+        );
+    }
+    let result = util::Workspace::locate().and_then(|ws| match verb {
+        Verb::Setup => setup::run(&ws),
+        Verb::Test { args } => test::run(&ws, &args),
+        Verb::Lint => lint::run(&ws),
+        Verb::Watch { args } => watch::run(&ws, &args),
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // `{:#}`: the whole context chain on one line, without anyhow's backtrace.
+            eprintln!("xtask: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,105 @@
+//! `cargo xtask test`: setup, build everything, unit + doc tests, then the privileged
+//! integration tests (they load real BPF programs and create network namespaces) one at a time.
+
+use std::{fs, time::Instant};
+
+use anyhow::{bail, Context as _};
+
+use crate::{
+    setup,
+    util::{self, Workspace},
+};
+
+/// The eBPF crate only builds for bpfel-unknown-none (tracer's build.rs does that).
+const HOST_CRATES: &[&str] = &["--workspace", "--exclude", "tracer-ebpf"];
+
+pub(crate) fn run(ws: &Workspace, args: &[String]) -> anyhow::Result<()> {
+    let start = Instant::now();
+    let result = steps(ws, args);
+    let outcome = if result.is_ok() { "passed" } else { "FAILED" };
+    println!(
+        "test: {outcome}; total wall time {:.1} s",
+        start.elapsed().as_secs_f64()
+    );
+    result
+}
+
+fn steps(ws: &Workspace, args: &[String]) -> anyhow::Result<()> {
+    // `cargo xtask test -- <cargo test args> [-- <harness args>]`
+    let (cargo_args, harness_args) = match args.iter().position(|a| a == "--") {
+        Some(i) => (&args[..i], &args[i + 1..]),
+        None => (args, &[][..]),
+    };
+
+    step("setup", || setup::run(ws))?;
+
+    step("build", || {
+        util::run(
+            ws.cargo()?
+                .arg("build")
+                .args(HOST_CRATES)
+                .arg("--all-targets"),
+        )
+    })?;
+
+    let cargo_test = |selection: &[&str], harness: &[&str]| -> anyhow::Result<()> {
+        util::run(
+            ws.cargo()?
+                .env("RUST_BACKTRACE", "1")
+                .arg("test")
+                .args(HOST_CRATES)
+                .args(selection)
+                .args(cargo_args)
+                .arg("--")
+                .args(harness)
+                .args(harness_args),
+        )
+    };
+
+    step("unit tests", || cargo_test(&["--lib", "--bins"], &[]))?;
+    step("doc tests", || cargo_test(&["--doc"], &[]))?;
+
+    if has_integration_tests(ws)? && !util::is_root()? {
+        bail!(
+            "test: the integration tests load BPF programs and create network namespaces: \
+             they need root (running as uid {}); rerun `cargo xtask test` as root",
+            util::euid()?
+        );
+    }
+    if !has_integration_tests(ws)? {
+        println!("test: no tests/*.rs in any workspace crate; no integration tests to run");
+        return Ok(());
+    }
+    step("integration tests (root, one at a time)", || {
+        cargo_test(&["--test", "*"], &["--test-threads=1"])
+    })
+}
+
+fn step(name: &str, f: impl FnOnce() -> anyhow::Result<()>) -> anyhow::Result<()> {
+    println!("test: == {name}");
+    let start = Instant::now();
+    let result = f();
+    println!(
+        "test: == {name}: {} in {:.1} s",
+        if result.is_ok() { "ok" } else { "FAILED" },
+        start.elapsed().as_secs_f64()
+    );
+    result
+}
+
+/// `cargo test --test '*'` fails when no crate has an integration test, so look first.
+fn has_integration_tests(ws: &Workspace) -> anyhow::Result<bool> {
+    for krate in fs::read_dir(&ws.root).context("listing the workspace root")? {
+        let tests = krate?.path().join("tests");
+        let Ok(entries) = fs::read_dir(&tests) else {
+            continue;
+        };
+        for entry in entries {
+            let path = entry?.path();
+            if path.extension().is_some_and(|e| e == "rs") || path.join("main.rs").is_file() {
+                return Ok(true);
+            }
+        }
+    }
+    Ok(false)
+}
