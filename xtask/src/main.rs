@@ -1,7 +1,9 @@
 //! Project automation: `cargo xtask <verb>` (alias in `.cargo/config.toml`).
 //!
-//! Verbs: `setup` (toolchain, tools, mounts; idempotent), `test`, `lint`, `watch`.
+//! Verbs: `setup` (toolchain, tools, mounts; idempotent), `test`, `lint`, `watch`,
+//! `bench-filter`.
 
+mod bench;
 mod lint;
 mod setup;
 mod test;
@@ -42,6 +44,23 @@ enum Verb {
         #[arg(last = true)]
         args: Vec<String>,
     },
+    /// Measure the kernel-side port filter: UDP send rate to a non-DNS port with the tracer
+    /// attached vs detached, alternating in one run (root).
+    BenchFilter {
+        /// Length of each measuring window, in seconds.
+        #[arg(long, default_value_t = 3.0, value_parser = parse_seconds)]
+        seconds: f64,
+        /// Detached/attached pairs.
+        #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=100))]
+        rounds: u32,
+    },
+}
+
+fn parse_seconds(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if (0.1..=600.0).contains(&v) => Ok(v),
+        _ => Err(format!("'{s}': expected seconds from 0.1 to 600")),
+    }
 }
 
 fn main() -> ExitCode {
@@ -57,6 +76,7 @@ fn main() -> ExitCode {
         Verb::Test { args } => test::run(&ws, &args),
         Verb::Lint => lint::run(&ws),
         Verb::Watch { args } => watch::run(&ws, &args),
+        Verb::BenchFilter { seconds, rounds } => bench::run(&ws, &bench::Args { seconds, rounds }),
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,
