@@ -318,17 +318,6 @@ impl KernelOffsets {
     };
 }
 
-/// Run-time switches for the programs, set by the loader as a read-only global.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Config {
-    /// Capture every netfilter drop (1) rather than only those carrying a conntrack entry
-    /// or UDP/TCP (0 never drops anything today; kept for a future filter).
-    pub all_drops: u32,
-    pub _pad: u32,
-}
-const _: () = assert!(size_of::<Config>() == 8);
-
 /// Number of 64-bit words in the port bitmap map (`PORTS`): one bit per UDP port.
 pub const PORT_WORDS: u32 = 65536 / 64;
 
@@ -340,6 +329,4 @@ mod user {
     unsafe impl aya::Pod for super::Header {}
     // SAFETY: see above.
     unsafe impl aya::Pod for super::KernelOffsets {}
-    // SAFETY: see above.
-    unsafe impl aya::Pod for super::Config {}
 }

@@ -15,18 +15,11 @@ use aya_ebpf::{
     macros::map,
     maps::{Array, LruHashMap, PerCpuArray, RingBuf},
 };
-use tracer_common::{Config, KernelOffsets, PORT_WORDS};
+use tracer_common::{KernelOffsets, PORT_WORDS};
 
 /// Resolved from BTF by the loader (`EbpfLoader::set_global`).
 #[unsafe(no_mangle)]
 static OFFSETS: KernelOffsets = KernelOffsets::NONE;
-
-/// Run-time switches, set by the loader.
-#[unsafe(no_mangle)]
-static CONFIG: Config = Config {
-    all_drops: 0,
-    _pad: 0,
-};
 
 /// Every record goes through this one ring buffer (4 MiB).
 #[map]

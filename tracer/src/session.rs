@@ -11,7 +11,7 @@ use aya::{
     maps::{Array, MapData, PerCpuArray},
     Btf, Ebpf, EbpfLoader,
 };
-use tracer_common::{Config, EventKind, PORT_WORDS};
+use tracer_common::{EventKind, PORT_WORDS};
 
 use crate::{btf::KernelBtf, offsets, plan, preflight};
 
@@ -62,11 +62,9 @@ impl Session {
         }
         let btf = Btf::parse_file(&opts.btf_path, aya::Endianness::default())
             .with_context(|| format!("parsing BTF {}", opts.btf_path.display()))?;
-        let config = Config::default();
         let mut ebpf = EbpfLoader::new()
             .btf(Some(&btf))
             .override_global("OFFSETS", &offsets.offsets, true)
-            .override_global("CONFIG", &config, true)
             .load(OBJECT)
             .context("loading the eBPF object (maps and globals)")?;
 

@@ -105,9 +105,15 @@ pub(crate) fn run(ws: &Workspace, args: &Args) -> anyhow::Result<()> {
     let bin = ws.target_dir().join("release").join("tracer");
     let ready = std::env::temp_dir().join(format!("tracer-bench-{}.ready", std::process::id()));
 
-    // Receiver on an ephemeral (non-DNS) loopback port; it is never read: datagrams beyond
-    // its queue are dropped at delivery, after every hook has run.
+    // Receiver on an ephemeral (non-DNS) loopback port, drained by a thread as a real
+    // application would (on the other core); the loop ends when the socket times out.
     let rx = UdpSocket::bind("127.0.0.1:0")?;
+    let drain = rx.try_clone()?;
+    drain.set_read_timeout(Some(Duration::from_secs(2)))?;
+    let drainer = thread::spawn(move || {
+        let mut buf = [0u8; 128];
+        while drain.recv(&mut buf).is_ok() {}
+    });
     let tx = UdpSocket::bind("127.0.0.1:0")?;
     tx.connect(rx.local_addr()?)?;
     let window = Duration::from_secs_f64(args.seconds);
@@ -134,6 +140,7 @@ pub(crate) fn run(ws: &Workspace, args: &Args) -> anyhow::Result<()> {
         on.push(b);
     }
     let _ = fs::remove_file(&ready);
+    let _ = drainer.join();
     let (m_off, m_on) = (median(&mut off), median(&mut on));
     println!(
         "bench-filter: median detached {m_off:.0} /s, attached {m_on:.0} /s: attached/detached = {:.1} %",
