@@ -188,7 +188,9 @@ fn dig_over_ipv6_gives_ipv6_tuples() {
         "fd77::66",
         "dig failed: {out:?}"
     );
-    let events = run.stop();
+    // SIGTERM (how Kubernetes stops a pod) ends the run as cleanly as Ctrl-C.
+    let events = run.stop_with(libc::SIGTERM);
+    assert_eq!(summary(&events)["lost"], 0);
     let netns = lab.client.inode();
     let sends: Vec<&Value> = of_type(&events, "dns_send")
         .into_iter()

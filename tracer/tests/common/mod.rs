@@ -75,14 +75,19 @@ impl TracerRun {
 
     /// Stops the tracer with SIGINT (as Ctrl-C would) and returns every JSON line it wrote.
     /// Panics if it does not exit cleanly within 10 s.
-    pub fn stop(mut self) -> Vec<Value> {
+    pub fn stop(self) -> Vec<Value> {
+        self.stop_with(libc::SIGINT)
+    }
+
+    /// Stops the tracer with `sig` (SIGINT or SIGTERM) and returns every JSON line it wrote.
+    pub fn stop_with(mut self, sig: i32) -> Vec<Value> {
         let mut child = self.child.take().unwrap();
-        signal(child.id(), libc::SIGINT);
+        signal(child.id(), sig);
         let status = wait_timeout(&mut child, Duration::from_secs(10)).unwrap_or_else(|| {
             let _ = child.kill();
             let _ = child.wait();
             panic!(
-                "tracer did not stop within 10 s of SIGINT:\n{}",
+                "tracer did not stop within 10 s of signal {sig}:\n{}",
                 self.stderr()
             )
         });
