@@ -125,7 +125,7 @@ pub(crate) fn run(ws: &Workspace, args: &Args) -> anyhow::Result<()> {
     );
     blast(&tx, Duration::from_millis(500))?; // warm-up
 
-    let (mut off, mut on) = (Vec::new(), Vec::new());
+    let (mut off, mut on, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
     for round in 1..=args.rounds {
         let a = blast(&tx, window)?;
         let b = {
@@ -138,13 +138,19 @@ pub(crate) fn run(ws: &Workspace, args: &Args) -> anyhow::Result<()> {
         );
         off.push(a);
         on.push(b);
+        ratios.push(b / a);
     }
     let _ = fs::remove_file(&ready);
     let _ = drainer.join();
     let (m_off, m_on) = (median(&mut off), median(&mut on));
+    let mut sorted = ratios.clone();
+    let m_ratio = median(&mut sorted);
     println!(
-        "bench-filter: median detached {m_off:.0} /s, attached {m_on:.0} /s: attached/detached = {:.1} %",
-        100.0 * m_on / m_off
+        "bench-filter: median detached {m_off:.0} /s, attached {m_on:.0} /s; median of the paired \
+         ratios attached/detached = {:.1} % (range {:.1}-{:.1} %)",
+        100.0 * m_ratio,
+        100.0 * sorted[0],
+        100.0 * sorted[sorted.len() - 1],
     );
     Ok(())
 }

@@ -48,10 +48,10 @@ enum Verb {
     /// attached vs detached, alternating in one run (root).
     BenchFilter {
         /// Length of each measuring window, in seconds.
-        #[arg(long, default_value_t = 3.0, value_parser = parse_seconds)]
+        #[arg(long, default_value_t = 2.0, value_parser = parse_seconds)]
         seconds: f64,
         /// Detached/attached pairs.
-        #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=100))]
+        #[arg(long, default_value_t = 12, value_parser = clap::value_parser!(u32).range(1..=100))]
         rounds: u32,
     },
 }
