@@ -51,10 +51,16 @@ fn emit(
         None => 0,
     };
     // The entry's namespace is where conntrack ran; without one, the device's.
-    let net = if ct.is_null() {
-        dev.and_then(|d| read_ptr(d, off!(dev_nd_net)).ok())
-    } else {
+    // A locally generated packet dropped before conntrack attached an entry (table full)
+    // has no device yet either: its socket says where it was.
+    let net = if !ct.is_null() {
         read_ptr(ct, off!(ct_net)).ok()
+    } else if let Some(d) = dev {
+        read_ptr(d, off!(dev_nd_net)).ok()
+    } else {
+        read_ptr(skb, off!(skb_sk))
+            .and_then(|sk| read_ptr(sk, off!(sk_net)))
+            .ok()
     };
     let l4 = skb_l4(skb);
     let parsed = l4.is_some();

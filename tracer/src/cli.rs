@@ -4,7 +4,7 @@ use std::{path::PathBuf, time::Duration};
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::{btf::VMLINUX_BTF, session, watch};
+use crate::{btf::VMLINUX_BTF, lab, session, traffic::Proto, watch};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -25,6 +25,60 @@ pub enum Command {
     Probes(ProbesCmd),
     /// Show the kernel struct offsets resolved from BTF.
     Offsets(KernelOpts),
+    /// Reproduce a conntrack failure mode in throwaway network namespaces, with the tracer
+    /// watching, and check its verdicts against the kernel's counters.
+    Lab(LabCmd),
+}
+
+#[derive(Debug, Args)]
+pub struct LabCmd {
+    #[arg(value_enum)]
+    pub scenario: lab::Scenario,
+    /// Rounds of traffic (each loop is also bounded in time).
+    #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub rounds: u32,
+    /// Mitigations to apply (repeatable).
+    #[arg(long, value_enum)]
+    pub mitigation: Vec<lab::Mitigation>,
+    /// How the node's NAT rules are written.
+    #[arg(long, value_enum, default_value = "nft")]
+    pub rules: lab::Rules,
+    /// snat-race: transport protocol.
+    #[arg(long, value_enum, default_value = "udp")]
+    pub proto: Proto,
+    /// snat-race: whether the pods share one source port.
+    #[arg(long, value_enum, default_value = "fixed")]
+    pub source_port: lab::SourcePort,
+    /// dns-race: which client sends the queries.
+    #[arg(long, value_enum, default_value = "race")]
+    pub client: lab::DnsClient,
+    /// snat-race: number of pods.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(2..=16))]
+    pub pods: u64,
+    /// JSON lines (live events and findings, then the report) instead of text.
+    #[arg(long)]
+    pub json: bool,
+    /// Only the report, no live stream.
+    #[arg(long)]
+    pub quiet: bool,
+    #[command(flatten)]
+    pub kernel: KernelOpts,
+}
+
+impl LabCmd {
+    pub fn args(&self) -> lab::LabArgs {
+        lab::LabArgs {
+            scenario: self.scenario,
+            rounds: self.rounds,
+            mitigations: self.mitigation.clone(),
+            rules: self.rules,
+            proto: self.proto,
+            source_port: self.source_port,
+            client: self.client,
+            pods: self.pods as usize,
+            session: self.kernel.session(false),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Args)]

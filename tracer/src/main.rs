@@ -14,6 +14,7 @@ fn main() -> ExitCode {
             .and_then(|rt| rt.block_on(tracer::watch::run(cmd.into_args()))),
         Command::Probes(cmd) => tracer::commands::probes(&cmd),
         Command::Offsets(opts) => tracer::commands::offsets(&opts),
+        Command::Lab(cmd) => tracer::commands::lab(&cmd),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

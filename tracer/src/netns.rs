@@ -728,12 +728,27 @@ fn pid_alive(pid: u32) -> bool {
 /// (killing the processes inside them first). Returns the names removed. Namespaces of
 /// live processes, including this one, are left alone.
 pub fn remove_stale(prefix: &str) -> Vec<String> {
+    remove_where(prefix, |pid| pid != std::process::id() && !pid_alive(pid))
+}
+
+/// Removes every namespace with `prefix` that this process created, with the processes in
+/// them and their `/etc/netns/NAME` directories: the last resort of a signal handler, when
+/// the guards will not get to run.
+pub fn remove_own(prefix: &str) -> Vec<String> {
+    let removed = remove_where(prefix, |pid| pid == std::process::id());
+    for name in &removed {
+        let _ = fs::remove_dir_all(Path::new("/etc/netns").join(name));
+    }
+    removed
+}
+
+fn remove_where(prefix: &str, created_by: impl Fn(u32) -> bool) -> Vec<String> {
     let mut removed = Vec::new();
     for name in leftovers(prefix) {
         let Some(pid) = parse_netns_name(prefix, &name) else {
             continue;
         };
-        if pid == std::process::id() || pid_alive(pid) {
+        if !created_by(pid) {
             continue;
         }
         if let Ok(id) = ns_id(&Path::new(NETNS_RUN_DIR).join(&name)) {
@@ -741,7 +756,7 @@ pub fn remove_stale(prefix: &str) -> Vec<String> {
         }
         match netns_del(&name) {
             Ok(()) => removed.push(name),
-            Err(e) => warn!("removing stale netns {name}: {e:#}"),
+            Err(e) => warn!("removing netns {name}: {e:#}"),
         }
     }
     removed

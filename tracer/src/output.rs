@@ -12,6 +12,7 @@ use crate::{
     dns,
     events::{Event, FiveTuple},
     kallsyms::Symbols,
+    verdict::Finding,
 };
 
 /// Turns `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) into wall-clock time.
@@ -166,6 +167,45 @@ impl<W: Write> Printer<W> {
             self.out.write_all(b"\n")
         } else {
             writeln!(self.out, "{kind}: {v}")
+        }
+    }
+
+    /// `symbol+0xoff` of a kernel text address.
+    pub fn symbolize(&self, addr: u64) -> String {
+        self.symbols.resolve(addr)
+    }
+
+    pub fn finding(&mut self, f: &Finding) -> io::Result<()> {
+        if self.json {
+            let mut v = serde_json::to_value(f).unwrap_or(Value::Null);
+            if let Value::Object(m) = &mut v {
+                m.insert("type".into(), json!("finding"));
+                let time = humantime::format_rfc3339_nanos(self.clock.wall(f.ts_ns)).to_string();
+                m.insert("time".into(), json!(time));
+            }
+            serde_json::to_writer(&mut self.out, &v)?;
+            self.out.write_all(b"\n")
+        } else {
+            let time = humantime::format_rfc3339_micros(self.clock.wall(f.ts_ns)).to_string();
+            let time = time.get(11..26).unwrap_or(&time).to_string();
+            let what = f
+                .packet
+                .as_ref()
+                .map(|p| format!(" {}", flow(p)))
+                .unwrap_or_default();
+            let count = if f.count > 1 {
+                format!(" x{}", f.count)
+            } else {
+                String::new()
+            };
+            writeln!(
+                self.out,
+                "{time} FINDING {}{count} netns {}{what}: {} [{}]",
+                f.verdict.name(),
+                f.netns,
+                f.explanation,
+                f.source
+            )
         }
     }
 

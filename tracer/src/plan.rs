@@ -157,14 +157,14 @@ pub const SIGNALS: &[Signal] = &[
                 programs: &[
                     Prog { name: "nf_confirm_exit", attach: Attach::FExit("__nf_conntrack_confirm"), needs: &["skb_nfct", "ct_status", "ct_tuple_orig", "ct_tuple_reply"] },
                     Prog { name: "nf_resolve_clash_exit", attach: Attach::FExit("nf_ct_resolve_clash"), needs: &["skb_nfct", "ct_status", "ct_tuple_orig", "tuplehash_tuple"] },
-                    Prog { name: "nf_kfree_skb", attach: Attach::BtfTracePoint("kfree_skb"), needs: &["drop_reason_netfilter", "skb_nfct", "skb_head", "skb_network_header"] },
+                    Prog { name: "nf_kfree_skb", attach: Attach::BtfTracePoint("kfree_skb"), needs: &["drop_reason_netfilter", "skb_nfct", "skb_head", "skb_network_header", "ct_net", "net_inum"] },
                 ],
                 loses: "",
             },
             Source {
                 name: "tp_btf kfree_skb (reason NETFILTER_DROP)",
                 programs: &[
-                    Prog { name: "nf_kfree_skb", attach: Attach::BtfTracePoint("kfree_skb"), needs: &["drop_reason_netfilter", "skb_nfct", "skb_head", "skb_network_header"] },
+                    Prog { name: "nf_kfree_skb", attach: Attach::BtfTracePoint("kfree_skb"), needs: &["drop_reason_netfilter", "skb_nfct", "skb_head", "skb_network_header", "ct_net", "net_inum"] },
                 ],
                 loses: "an insert failure is told apart from a rule drop only by the skb's \
                         unconfirmed conntrack entry and the conntrack counters; clashes the kernel \

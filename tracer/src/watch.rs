@@ -17,9 +17,11 @@ use tokio::{
 
 use crate::{
     events::{self, Event},
+    explain::Explainer,
     kallsyms::Symbols,
-    output::{Clock, Printer},
+    output::{monotonic_ns, Clock, Printer},
     session::{check_writable_parent, Options, Session},
+    verdict::Finding,
 };
 
 #[derive(Debug, Clone)]
@@ -34,6 +36,7 @@ pub struct WatchArgs {
 #[derive(Debug, Default, Clone)]
 pub struct Counts {
     pub by_kind: BTreeMap<&'static str, u64>,
+    pub verdicts: BTreeMap<&'static str, u64>,
     pub decode_errors: u64,
 }
 
@@ -112,6 +115,8 @@ pub async fn run(args: WatchArgs) -> anyhow::Result<()> {
         Symbols::new("/proc/kallsyms"),
     );
     let mut counts = Counts::default();
+    let mut explainer = Explainer::start();
+    let mut poll = tokio::time::interval(POLL_EVERY);
     let deadline = async {
         match args.duration {
             Some(d) => tokio::time::sleep(d).await,
@@ -125,7 +130,7 @@ pub async fn run(args: WatchArgs) -> anyhow::Result<()> {
         tokio::select! {
             guard = ring.readable_mut() => {
                 let mut guard = guard?;
-                if drain(guard.get_inner_mut(), &mut printer, &mut counts)? {
+                if drain(guard.get_inner_mut(), &mut printer, &mut counts, &mut explainer)? {
                     stop = true;
                 }
                 guard.clear_ready();
@@ -140,18 +145,27 @@ pub async fn run(args: WatchArgs) -> anyhow::Result<()> {
                 guard.get_inner_mut().flush();
                 guard.clear_ready();
             }
+            _ = poll.tick() => {
+                let findings = explainer.poll(monotonic_ns());
+                if emit_findings(&mut printer, &mut counts, &findings)? {
+                    stop = true;
+                }
+            }
             _ = sigint.recv() => stop = true,
             _ = sigterm.recv() => stop = true,
             _ = &mut deadline => stop = true,
         }
     }
     // What the kernel wrote before we stopped still counts.
-    let _ = drain(ring.get_mut(), &mut printer, &mut counts)?;
+    let _ = drain(ring.get_mut(), &mut printer, &mut counts, &mut explainer)?;
+    let findings = explainer.poll(monotonic_ns());
+    let _ = emit_findings(&mut printer, &mut counts, &findings)?;
     let lost = session.lost_per_cpu()?;
     let lost_total: u64 = lost.iter().sum();
     let summary = json!({
         "events": counts.total(),
         "by_kind": counts.by_kind,
+        "verdicts": counts.verdicts,
         "lost": lost_total,
         "lost_per_cpu": lost,
         "decode_errors": counts.decode_errors,
@@ -183,17 +197,46 @@ pub async fn run(args: WatchArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// How often the conntrack counters are read for findings that drop no packet.
+const POLL_EVERY: Duration = Duration::from_secs(1);
+
+/// Prints findings; `true` when stdout is gone.
+fn emit_findings<W: Write>(
+    printer: &mut Printer<W>,
+    counts: &mut Counts,
+    findings: &[Finding],
+) -> anyhow::Result<bool> {
+    for f in findings {
+        *counts.verdicts.entry(f.verdict.name()).or_default() += f.count;
+        match printer.finding(f) {
+            Ok(()) => {}
+            Err(e) if is_broken_pipe(&e) => return Ok(true),
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(false)
+}
+
 /// Reads every pending record. Returns `true` when stdout is gone (stop quietly).
 fn drain<W: Write>(
     ring: &mut RingBuf<MapData>,
     printer: &mut Printer<W>,
     counts: &mut Counts,
+    explainer: &mut Explainer,
 ) -> anyhow::Result<bool> {
     while let Some(item) = ring.next() {
         let r = match events::decode(&item) {
             Ok(ev) => {
                 *counts.by_kind.entry(kind_name(&ev)).or_default() += 1;
-                printer.event(&ev)
+                let printed = printer.event(&ev);
+                if let (Ok(()), Event::NfDrop(d)) = (&printed, &ev) {
+                    let sym = printer.symbolize(d.location);
+                    let f = explainer.drop_event(d, &sym);
+                    if emit_findings(printer, counts, std::slice::from_ref(&f))? {
+                        return Ok(true);
+                    }
+                }
+                printed
             }
             Err(e) => {
                 counts.decode_errors += 1;

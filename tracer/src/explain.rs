@@ -1,0 +1,130 @@
+//! Findings for a live run: reads the conntrack counters of the network namespaces drops
+//! happen in (over ctnetlink, inside each netns) and feeds them with the events to the
+//! [`Classifier`].
+
+use std::{
+    collections::BTreeMap,
+    fs,
+    os::unix::fs::MetadataExt as _,
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use crate::{
+    ctstats::{self, CpuStats},
+    events::NfDropEvent,
+    verdict::{Classifier, Finding},
+};
+
+/// Network namespace inode -> a path that opens it (`/run/netns/NAME`, `/proc/PID/ns/net`).
+pub fn scan_netns() -> BTreeMap<u32, PathBuf> {
+    let mut out = BTreeMap::new();
+    let mut add = |p: PathBuf| {
+        if let Ok(m) = fs::metadata(&p) {
+            out.entry(m.ino() as u32).or_insert(p);
+        }
+    };
+    if let Ok(dir) = fs::read_dir("/run/netns") {
+        for e in dir.flatten() {
+            add(e.path());
+        }
+    }
+    if let Ok(dir) = fs::read_dir("/proc") {
+        for e in dir.flatten() {
+            if e.file_name()
+                .to_string_lossy()
+                .bytes()
+                .all(|b| b.is_ascii_digit())
+            {
+                add(e.path().join("ns/net"));
+            }
+        }
+    }
+    out
+}
+
+pub struct Explainer {
+    classifier: Classifier,
+    paths: BTreeMap<u32, PathBuf>,
+    last_scan: Instant,
+}
+
+/// How often an unknown netns may trigger a rescan of /proc.
+const RESCAN_EVERY: Duration = Duration::from_millis(500);
+
+impl Explainer {
+    /// Baselines the counters of every network namespace that exists now.
+    pub fn start() -> Self {
+        let paths = scan_netns();
+        let mut classifier = Classifier::new();
+        for (inum, path) in &paths {
+            match ctstats::read_in(path) {
+                Ok(s) => classifier.baseline(*inum, &s.totals()),
+                Err(e) => log::debug!(
+                    "no conntrack statistics for netns {inum} ({}): {e}",
+                    path.display()
+                ),
+            }
+        }
+        Explainer {
+            classifier,
+            paths,
+            last_scan: Instant::now(),
+        }
+    }
+
+    /// Adds (and baselines) a namespace the caller knows about.
+    pub fn track(&mut self, path: &Path) -> anyhow::Result<u32> {
+        let inum = fs::metadata(path)?.ino() as u32;
+        let s = ctstats::read_in(path)?;
+        self.classifier.baseline(inum, &s.totals());
+        self.paths.insert(inum, path.to_owned());
+        Ok(inum)
+    }
+
+    fn path_of(&mut self, netns: u32) -> Option<PathBuf> {
+        if !self.paths.contains_key(&netns) && self.last_scan.elapsed() > RESCAN_EVERY {
+            self.last_scan = Instant::now();
+            for (k, v) in scan_netns() {
+                self.paths.entry(k).or_insert(v);
+            }
+        }
+        self.paths.get(&netns).cloned()
+    }
+
+    fn read(&mut self, netns: u32) -> Option<CpuStats> {
+        let path = self.path_of(netns)?;
+        match ctstats::read_in(&path) {
+            Ok(s) => Some(s.totals()),
+            Err(e) => {
+                log::debug!("conntrack statistics of netns {netns}: {e}");
+                None
+            }
+        }
+    }
+
+    /// The finding for one netfilter drop.
+    pub fn drop_event(&mut self, ev: &NfDropEvent, location_sym: &str) -> Finding {
+        // The counters move before the packet is freed, so a reading taken now covers it.
+        let stats = self.read(ev.netns);
+        self.classifier.drop_event(ev, location_sym, stats.as_ref())
+    }
+
+    /// Counter-only findings (resolved clashes, early drops, INVALID) of every namespace
+    /// whose books are open.
+    pub fn poll(&mut self, ts_ns: u64) -> Vec<Finding> {
+        let netns: Vec<u32> = self.classifier.deltas().keys().copied().collect();
+        let mut out = Vec::new();
+        for n in netns {
+            if let Some(s) = self.read(n) {
+                out.extend(self.classifier.counters(n, ts_ns, &s));
+            }
+        }
+        out
+    }
+
+    /// Counter deltas per namespace since its baseline.
+    pub fn deltas(&self) -> BTreeMap<u32, CpuStats> {
+        self.classifier.deltas()
+    }
+}

@@ -1,0 +1,432 @@
+//! From kernel events and conntrack counters to findings with one verdict each.
+//!
+//! On kernels where fexit is refused, a netfilter drop arrives from `kfree_skb` with the
+//! skb's conntrack entry (or none) and the drop location. Those tell a rule's verdict
+//! (freed inside the rule engine) from a drop on conntrack's own path, and an insert failure
+//! (unconfirmed entry) from an allocation failure (no entry). Every conntrack verdict is then
+//! backed by the kernel's own counter in that network namespace: a drop is called an insert
+//! failure only while `insert_failed` has moved by more than the insert failures already
+//! named, and `table-full` only while `drop` has moved by more than the insert failures;
+//! a drop the counters do not account for stays unexplained rather than guessed.
+//! Clashes the kernel resolved, early drops and INVALID packets that were let through drop
+//! no packet: they come from the counters alone (`clash_resolve`, `early_drop`, `invalid`).
+
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+use tracer_common::{IPS_DST_NAT, IPS_NAT_CLASH, IPS_SRC_NAT};
+
+use crate::{
+    ctstats::CpuStats,
+    events::{Conntrack, FiveTuple, NfDropEvent},
+};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Verdict {
+    /// Lost the race to insert its conntrack entry (same original tuple, e.g. A/AAAA to a
+    /// DNATed VIP); the packet was dropped.
+    InsertClashDropped,
+    /// A race happened and the kernel resolved it; nothing was lost.
+    InsertClashResolved,
+    /// Insert failed because two flows got the same translated source port (SNAT).
+    SnatPortClash,
+    /// No entry could be allocated: the table is full.
+    TableFull,
+    /// An entry was evicted to make room for a new flow.
+    EarlyDrop,
+    /// A packet conntrack marked INVALID.
+    Invalid,
+    /// Dropped by an nftables/iptables rule: not conntrack's doing.
+    RulesetDrop,
+    /// Dropped on conntrack's path, but the counters of its netns do not account for it.
+    Unexplained,
+}
+
+impl Verdict {
+    pub const ALL: [Verdict; 8] = [
+        Verdict::InsertClashDropped,
+        Verdict::InsertClashResolved,
+        Verdict::SnatPortClash,
+        Verdict::TableFull,
+        Verdict::EarlyDrop,
+        Verdict::Invalid,
+        Verdict::RulesetDrop,
+        Verdict::Unexplained,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Verdict::InsertClashDropped => "insert-clash-dropped",
+            Verdict::InsertClashResolved => "insert-clash-resolved",
+            Verdict::SnatPortClash => "snat-port-clash",
+            Verdict::TableFull => "table-full",
+            Verdict::EarlyDrop => "early-drop",
+            Verdict::Invalid => "invalid",
+            Verdict::RulesetDrop => "ruleset-drop",
+            Verdict::Unexplained => "unexplained",
+        }
+    }
+
+    /// Whether the verdict means a packet was lost.
+    pub fn lost_packet(self) -> bool {
+        !matches!(self, Verdict::InsertClashResolved | Verdict::EarlyDrop)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Finding {
+    pub verdict: Verdict,
+    pub netns: u32,
+    pub ts_ns: u64,
+    /// How many occurrences this finding stands for (1 for a packet; a counter delta for
+    /// counter-only verdicts).
+    pub count: u64,
+    /// Where the evidence came from: a kernel program, or the conntrack statistics.
+    pub source: &'static str,
+    pub packet: Option<FiveTuple>,
+    pub conntrack: Option<Conntrack>,
+    /// For a resolved clash seen per packet: the loser was inserted reply-only (NAT_CLASH).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nat_clash: Option<bool>,
+    pub explanation: String,
+}
+
+/// Where a drop happened, from the symbolized location.
+pub fn is_rule_engine(location_sym: &str) -> bool {
+    let func = location_sym.split('+').next().unwrap_or("");
+    func.starts_with("nft_")
+        || func.starts_with("ipt_do_table")
+        || func.starts_with("ip6t_do_table")
+        || func.starts_with("ebt_do_table")
+        || func.starts_with("arpt_do_table")
+}
+
+/// Counter state of one netns: the last reading, and what the findings so far accounted for.
+#[derive(Debug, Default, Clone)]
+struct Books {
+    baseline: CpuStats,
+    last: CpuStats,
+    named_insert_failed: u64,
+    named_table_full: u64,
+}
+
+impl Books {
+    fn delta(&self) -> CpuStats {
+        self.last.delta(&self.baseline)
+    }
+}
+
+/// Turns drop events and counter readings into findings. Counter readings come from the
+/// caller (ctnetlink in production, synthetic in tests).
+#[derive(Debug, Default)]
+pub struct Classifier {
+    books: BTreeMap<u32, Books>,
+}
+
+impl Classifier {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Starts the books of a netns at `stats` (nothing before this counts).
+    pub fn baseline(&mut self, netns: u32, stats: &CpuStats) {
+        self.books.insert(
+            netns,
+            Books {
+                baseline: stats.clone(),
+                last: stats.clone(),
+                ..Books::default()
+            },
+        );
+    }
+
+    pub fn knows(&self, netns: u32) -> bool {
+        self.books.contains_key(&netns)
+    }
+
+    /// Classifies one drop. `stats` is a reading of the drop's netns taken after the drop
+    /// (the counters move before the packet is freed); `None` when it could not be read.
+    pub fn drop_event(
+        &mut self,
+        ev: &NfDropEvent,
+        location_sym: &str,
+        stats: Option<&CpuStats>,
+    ) -> Finding {
+        // A netns without a baseline was created after the tracer took its baselines
+        // (`baseline` for every netns at start), so its counters started at zero.
+        let books = self.books.entry(ev.netns).or_default();
+        if let Some(s) = stats {
+            books.last = s.clone();
+        }
+        let d = books.delta();
+        let mut f = Finding {
+            verdict: Verdict::Unexplained,
+            netns: ev.netns,
+            ts_ns: ev.ts_ns,
+            count: 1,
+            source: ev.source,
+            packet: ev.packet,
+            conntrack: ev.conntrack.clone(),
+            nat_clash: None,
+            explanation: String::new(),
+        };
+        if is_rule_engine(location_sym) {
+            f.verdict = Verdict::RulesetDrop;
+            f.explanation =
+                format!("dropped by a ruleset verdict at {location_sym}, not by conntrack");
+            return f;
+        }
+        match &ev.conntrack {
+            Some(ct) if !ct.confirmed => {
+                if (d.insert_failed as u64) > books.named_insert_failed {
+                    books.named_insert_failed += 1;
+                    let snat = ct.status & IPS_SRC_NAT != 0 && ct.status & IPS_DST_NAT == 0;
+                    if snat {
+                        f.verdict = Verdict::SnatPortClash;
+                        f.explanation = format!(
+                            "insert failed: the source NAT gave {} -> {} the port {} that another flow already holds \
+                             (insert_failed rose); the packet was dropped",
+                            ct.orig.src, ct.orig.dst, ct.reply.dst.port()
+                        );
+                    } else {
+                        f.verdict = Verdict::InsertClashDropped;
+                        f.explanation = format!(
+                            "lost the conntrack insert race: another packet of {} -> {} inserted its entry first \
+                             (insert_failed rose); the packet was dropped",
+                            ct.orig.src, ct.orig.dst
+                        );
+                    }
+                } else {
+                    f.explanation = format!(
+                        "dropped at {location_sym} with an unconfirmed entry, but insert_failed did not move: \
+                         not an insert failure (a legacy iptables rule?)"
+                    );
+                }
+            }
+            Some(_) => {
+                f.explanation = format!(
+                    "dropped at {location_sym} with a confirmed entry: not a conntrack insert"
+                );
+            }
+            None => {
+                let unexplained_drops = (d.drop as u64).saturating_sub(d.insert_failed as u64);
+                if unexplained_drops > books.named_table_full {
+                    books.named_table_full += 1;
+                    f.verdict = Verdict::TableFull;
+                    f.explanation =
+                        "no conntrack entry could be allocated: the table is full (drop rose)"
+                            .into();
+                } else {
+                    f.explanation = format!("dropped at {location_sym} before conntrack attached an entry, and drop did not move");
+                }
+            }
+        }
+        f
+    }
+
+    /// A new counter reading for `netns`: findings for what moved without dropping a packet
+    /// (resolved clashes, early drops, INVALID packets).
+    pub fn counters(&mut self, netns: u32, ts_ns: u64, stats: &CpuStats) -> Vec<Finding> {
+        let books = self.books.entry(netns).or_default();
+        let before = books.last.clone();
+        books.last = stats.clone();
+        let moved = stats.delta(&before);
+        let mut out = Vec::new();
+        let mut push = |verdict: Verdict, n: u32, explanation: String| {
+            if n > 0 {
+                out.push(Finding {
+                    verdict,
+                    netns,
+                    ts_ns,
+                    count: u64::from(n),
+                    source: "conntrack statistics",
+                    packet: None,
+                    conntrack: None,
+                    nat_clash: None,
+                    explanation,
+                });
+            }
+        };
+        push(
+            Verdict::InsertClashResolved,
+            moved.clash_resolve,
+            format!(
+                "{} insert race(s) resolved by the kernel (clash_resolve rose); nothing lost",
+                moved.clash_resolve
+            ),
+        );
+        push(
+            Verdict::EarlyDrop,
+            moved.early_drop,
+            format!(
+                "{} entr(y/ies) evicted to make room for new flows (early_drop rose)",
+                moved.early_drop
+            ),
+        );
+        push(
+            Verdict::Invalid,
+            moved.invalid,
+            format!(
+                "{} packet(s) marked INVALID by conntrack (invalid rose); unless a rule drops them they pass on, \
+                 and an out-of-window TCP segment is answered with RST",
+                moved.invalid
+            ),
+        );
+        out
+    }
+
+    /// Counter deltas of every netns since its baseline.
+    pub fn deltas(&self) -> BTreeMap<u32, CpuStats> {
+        self.books.iter().map(|(k, b)| (*k, b.delta())).collect()
+    }
+
+    /// Whether a packet-level finding saw the NAT_CLASH bit (reply-only insertion).
+    pub fn nat_clash(ct: &Conntrack) -> bool {
+        ct.status & IPS_NAT_CLASH != 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tuple(s: &str, d: &str) -> FiveTuple {
+        FiveTuple {
+            proto: 17,
+            src: s.parse().unwrap(),
+            dst: d.parse().unwrap(),
+        }
+    }
+
+    fn drop_ev(ct: Option<Conntrack>) -> NfDropEvent {
+        NfDropEvent {
+            ts_ns: 1,
+            source: "tp_btf/kfree_skb",
+            netns: 7,
+            ifindex: 0,
+            location: 0,
+            reason: 12,
+            verdict: 0,
+            packet: Some(tuple("10.0.0.2:1000", "10.0.1.1:80")),
+            conntrack: ct,
+            clash_winner: None,
+            payload_len: 0,
+            payload: vec![],
+        }
+    }
+
+    fn ct(status: u64, confirmed: bool) -> Conntrack {
+        Conntrack {
+            status,
+            confirmed,
+            orig: tuple("10.0.0.2:1000", "10.0.1.1:80"),
+            reply: tuple("10.0.1.1:80", "10.0.2.1:1000"),
+        }
+    }
+
+    fn stats(insert_failed: u32, drop: u32) -> CpuStats {
+        CpuStats {
+            insert_failed,
+            drop,
+            ..CpuStats::default()
+        }
+    }
+
+    #[test]
+    fn rule_drops_are_never_conntrack_verdicts() {
+        let mut c = Classifier::new();
+        c.baseline(7, &stats(0, 0));
+        let f = c.drop_event(
+            &drop_ev(Some(ct(0, false))),
+            "nft_do_chain+0x3e8",
+            Some(&stats(1, 1)),
+        );
+        assert_eq!(f.verdict, Verdict::RulesetDrop);
+        // The counter that moved is still available for a real insert failure.
+        let f = c.drop_event(
+            &drop_ev(Some(ct(IPS_SRC_NAT, false))),
+            "nf_hook_slow+0x7d",
+            Some(&stats(1, 1)),
+        );
+        assert_eq!(f.verdict, Verdict::SnatPortClash);
+    }
+
+    #[test]
+    fn insert_failures_are_bounded_by_the_counter() {
+        let mut c = Classifier::new();
+        c.baseline(7, &stats(0, 0));
+        let ev = drop_ev(Some(ct(IPS_DST_NAT, false)));
+        assert_eq!(
+            c.drop_event(&ev, "nf_hook_slow+0x7d", Some(&stats(1, 1)))
+                .verdict,
+            Verdict::InsertClashDropped
+        );
+        // A second drop while insert_failed still says 1: not an insert failure.
+        assert_eq!(
+            c.drop_event(&ev, "nf_hook_slow+0x7d", Some(&stats(1, 1)))
+                .verdict,
+            Verdict::Unexplained
+        );
+        assert_eq!(
+            c.drop_event(&ev, "nf_hook_slow+0x7d", Some(&stats(2, 2)))
+                .verdict,
+            Verdict::InsertClashDropped
+        );
+    }
+
+    #[test]
+    fn drops_without_an_entry_are_table_full_only_when_drop_moved_beyond_insert_failures() {
+        let mut c = Classifier::new();
+        c.baseline(7, &stats(0, 0));
+        let ev = drop_ev(None);
+        assert_eq!(
+            c.drop_event(&ev, "nf_hook_slow+0x7d", Some(&stats(1, 1)))
+                .verdict,
+            Verdict::Unexplained
+        );
+        assert_eq!(
+            c.drop_event(&ev, "nf_hook_slow+0x7d", Some(&stats(1, 2)))
+                .verdict,
+            Verdict::TableFull
+        );
+    }
+
+    #[test]
+    fn a_netns_born_after_the_baselines_counts_from_zero() {
+        let mut c = Classifier::new();
+        let f = c.drop_event(
+            &drop_ev(Some(ct(IPS_SRC_NAT, false))),
+            "nf_hook_slow+0x7d",
+            Some(&stats(1, 1)),
+        );
+        assert_eq!(f.verdict, Verdict::SnatPortClash);
+    }
+
+    #[test]
+    fn counter_only_verdicts_carry_the_delta() {
+        let mut c = Classifier::new();
+        c.baseline(9, &CpuStats::default());
+        let s = CpuStats {
+            clash_resolve: 3,
+            early_drop: 5,
+            ..CpuStats::default()
+        };
+        let f = c.counters(9, 100, &s);
+        let got: Vec<(Verdict, u64)> = f.iter().map(|f| (f.verdict, f.count)).collect();
+        assert_eq!(
+            got,
+            vec![(Verdict::InsertClashResolved, 3), (Verdict::EarlyDrop, 5)]
+        );
+        assert!(c.counters(9, 200, &s).is_empty(), "nothing moved");
+        assert_eq!(c.deltas()[&9].clash_resolve, 3);
+    }
+
+    #[test]
+    fn rule_engine_locations() {
+        assert!(is_rule_engine("nft_do_chain+0x3e8"));
+        assert!(is_rule_engine("ipt_do_table+0x10"));
+        assert!(!is_rule_engine("nf_hook_slow+0x7d"));
+        assert!(!is_rule_engine("0xffffffff81000000"));
+    }
+}
