@@ -286,6 +286,21 @@ fn nft_drop_rule_gives_a_netfilter_drop_event_with_the_tuple() {
         serde_json::json!({"proto": 17, "src": format!("{SERVER_V4}:9999"), "dst": format!("{CLIENT_V4}:40999")})
     );
     assert_eq!(ct["confirmed"], false, "dropped before confirmation: {d}");
+    // A rule's drop is a ruleset-drop finding, never a conntrack verdict.
+    let findings: Vec<&Value> = of_type(&events, "finding")
+        .into_iter()
+        .filter(|f| f["netns"] == netns)
+        .collect();
+    assert_eq!(
+        findings.len(),
+        drops.len(),
+        "one finding per drop: {findings:#?}"
+    );
+    for f in &findings {
+        assert_eq!(f["verdict"], "ruleset-drop", "{f}");
+        assert_eq!(f["packet"], pkt);
+    }
+    assert_eq!(summary(&events)["verdicts"]["ruleset-drop"], drops.len());
     // The query itself is the transport payload.
     assert!(d["payload_len"].as_u64().unwrap() > 12);
     assert!(!d["payload"].as_str().unwrap().is_empty());

@@ -67,7 +67,7 @@ impl Cluster {
     /// `server`, one server namespace behind the node.
     pub fn build(pods: usize, backends: usize, server: bool) -> anyhow::Result<Cluster> {
         anyhow::ensure!(pods <= 64 && backends <= 16, "lab too large");
-        let node = Netns::create(&format!("{PREFIX}n"))?;
+        let node = Netns::create(PREFIX)?;
         node.sysctl_set("net.ipv4.ip_forward", "1")?;
         let mut c = Cluster {
             _dns: Vec::new(),
@@ -78,7 +78,7 @@ impl Cluster {
             node,
         };
         for i in 0..pods {
-            let pod = Netns::create(&format!("{PREFIX}p"))?;
+            let pod = Netns::create(PREFIX)?;
             netns::veth_pair_named(
                 &pod,
                 "eth0",
@@ -98,7 +98,7 @@ impl Cluster {
             c.pods.push(pod);
         }
         for j in 0..backends {
-            let be = Netns::create(&format!("{PREFIX}b"))?;
+            let be = Netns::create(PREFIX)?;
             netns::veth_pair_named(
                 &be,
                 "eth0",
@@ -119,7 +119,7 @@ impl Cluster {
             c.backends.push(be);
         }
         if server {
-            let srv = Netns::create(&format!("{PREFIX}s"))?;
+            let srv = Netns::create(PREFIX)?;
             // No route back to the pods: replies reach them only through the node's NAT.
             netns::veth_pair_named(
                 &srv,

@@ -1,0 +1,262 @@
+//! Privileged tests of `tracer lab`: each failure mode provoked for real in namespaces, with
+//! the real programs attached; every verdict count must equal the kernel's counter delta
+//! (the report's checks), what the clients felt must match, and nothing may be left behind.
+
+mod common;
+
+use std::{
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use common::*;
+use serde_json::Value;
+
+const PREFIX: &str = tracer::lab::topology::PREFIX;
+
+/// Runs `tracer lab ARGS --json --quiet` and returns the report; asserts a clean exit,
+/// all checks ok, no tracer losses and no namespace left behind.
+fn lab(args: &[&str]) -> Value {
+    require_root();
+    let out = Command::new(TRACER)
+        .arg("lab")
+        .args(args)
+        .args(["--json", "--quiet"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let report: Value = stdout
+        .lines()
+        .last()
+        .and_then(|l| serde_json::from_str(l).ok())
+        .unwrap_or_else(|| panic!("no report from `tracer lab {args:?}`:\n{stdout}\n{stderr}"));
+    assert_eq!(report["type"], "lab_report");
+    for c in report["checks"].as_array().unwrap() {
+        assert_eq!(c["ok"], true, "check failed: {c}\n{report:#}");
+    }
+    assert!(
+        out.status.success(),
+        "tracer lab {args:?} failed:\n{stderr}"
+    );
+    assert_eq!(report["tracer_lost"], 0);
+    assert_eq!(report["decode_errors"], 0);
+    assert_no_leftovers();
+    report
+}
+
+fn assert_no_leftovers() {
+    assert!(
+        tracer::netns::leftovers(PREFIX).is_empty(),
+        "lab namespaces left: {:?}",
+        tracer::netns::leftovers(PREFIX)
+    );
+    let etc: Vec<String> = std::fs::read_dir("/etc/netns")
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with(PREFIX))
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(etc.is_empty(), "/etc/netns entries left: {etc:?}");
+}
+
+fn node(report: &Value) -> &Value {
+    report["namespaces"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["role"] == "node")
+        .expect("no node")
+}
+
+fn counter(report: &Value, name: &str) -> u64 {
+    node(report)["counters"][name].as_u64().unwrap()
+}
+
+fn verdict(report: &Value, name: &str) -> u64 {
+    report["namespaces"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["verdicts"][name].as_u64().unwrap_or(0))
+        .sum()
+}
+
+#[test]
+fn snat_race_udp_every_lost_datagram_is_a_snat_port_clash() {
+    let r = lab(&["snat-race", "--rounds", "60"]);
+    let lost = r["failed"].as_u64().unwrap();
+    assert!(
+        lost > 0,
+        "no SNAT race in 60 rounds of 3 pods sharing a source port: {r:#}"
+    );
+    assert_eq!(
+        counter(&r, "insert_failed"),
+        lost,
+        "client-side losses vs insert_failed"
+    );
+    assert_eq!(counter(&r, "drop"), lost);
+    assert_eq!(verdict(&r, "snat-port-clash"), lost);
+    assert_eq!(verdict(&r, "insert-clash-dropped"), 0);
+    assert_eq!(verdict(&r, "ruleset-drop"), 0);
+}
+
+#[test]
+fn snat_race_tcp_dropped_syns_are_one_second_connects() {
+    let r = lab(&[
+        "snat-race",
+        "--rounds",
+        "40",
+        "--proto",
+        "tcp",
+        "--rules",
+        "iptables",
+    ]);
+    let slow = r["traffic"]["slow"].as_u64().unwrap();
+    let failed = r["traffic"]["failed"].as_u64().unwrap();
+    assert!(slow + failed > 0, "no SNAT race in 40 rounds: {r:#}");
+    assert_eq!(counter(&r, "insert_failed"), slow + failed);
+    assert_eq!(verdict(&r, "snat-port-clash"), slow + failed);
+}
+
+#[test]
+fn random_fully_and_ephemeral_ports_remove_the_snat_loss() {
+    for args in [
+        &[
+            "snat-race",
+            "--rounds",
+            "100",
+            "--mitigation",
+            "random-fully",
+        ][..],
+        &[
+            "snat-race",
+            "--rounds",
+            "100",
+            "--mitigation",
+            "random-fully",
+            "--rules",
+            "iptables",
+        ][..],
+        &["snat-race", "--rounds", "100", "--source-port", "ephemeral"][..],
+    ] {
+        let r = lab(args);
+        assert_eq!(r["failed"], 0, "{args:?}: {r:#}");
+        assert_eq!(counter(&r, "insert_failed"), 0, "{args:?}");
+        assert_eq!(verdict(&r, "snat-port-clash"), 0, "{args:?}");
+        assert_eq!(r["attempts"], 300);
+    }
+}
+
+#[test]
+fn dns_race_is_resolved_by_this_kernel_not_dropped() {
+    for rules in ["nft", "iptables"] {
+        let r = lab(&["dns-race", "--rounds", "30", "--rules", rules]);
+        let resolved = counter(&r, "clash_resolve");
+        assert!(
+            resolved > 0,
+            "{rules}: the racing client never raced in 30 rounds: {r:#}"
+        );
+        assert_eq!(verdict(&r, "insert-clash-resolved"), resolved);
+        assert_eq!(
+            counter(&r, "insert_failed"),
+            0,
+            "{rules}: this kernel resolves the clash"
+        );
+        assert_eq!(verdict(&r, "insert-clash-dropped"), 0);
+        assert_eq!(r["failed"], 0, "{rules}: every query answered");
+        assert_eq!(r["attempts"], 60);
+        // Both queries of every round were seen leaving the pod and their answers arriving.
+        assert_eq!(r["events"]["dns_send"], 60, "{rules}");
+        assert_eq!(r["events"]["dns_recv"], 60, "{rules}");
+    }
+}
+
+#[test]
+fn dns_race_with_glibc_does_not_race_here() {
+    let r = lab(&["dns-race", "--rounds", "3", "--client", "glibc"]);
+    assert_eq!(r["failed"], 0);
+    // getent ahosts: A and AAAA per lookup, through the VIP, each answered.
+    assert_eq!(r["events"]["dns_send"], 6, "{r:#}");
+    assert_eq!(r["events"]["dns_recv"], 6, "{r:#}");
+}
+
+#[test]
+fn a_full_table_drops_every_new_flow_and_says_so() {
+    let r = lab(&["table-full", "--rounds", "10"]);
+    assert_eq!(r["failed"], 10, "{r:#}");
+    assert_eq!(counter(&r, "drop"), 10);
+    assert_eq!(verdict(&r, "table-full"), 10);
+    assert_eq!(r["events"]["nf_drop"], 10);
+}
+
+#[test]
+fn unassured_entries_are_evicted_and_new_flows_pass() {
+    let r = lab(&["early-drop", "--rounds", "10"]);
+    assert_eq!(r["failed"], 0, "{r:#}");
+    let evicted = counter(&r, "early_drop");
+    assert!(
+        evicted >= 10,
+        "every new flow evicts at least one entry: {r:#}"
+    );
+    assert_eq!(verdict(&r, "early-drop"), evicted);
+    assert_eq!(counter(&r, "drop"), 0);
+}
+
+#[test]
+fn live_stream_carries_findings() {
+    require_root();
+    let out = Command::new(TRACER)
+        .args(["lab", "table-full", "--rounds", "3", "--json"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let findings: Vec<&Value> = lines.iter().filter(|l| l["type"] == "finding").collect();
+    assert_eq!(findings.len(), 3, "{findings:#?}");
+    for f in findings {
+        assert_eq!(f["verdict"], "table-full");
+        assert_eq!(f["source"], "tp_btf/kfree_skb");
+        assert!(
+            f["packet"]["dst"].as_str().unwrap().ends_with(":8080"),
+            "{f}"
+        );
+        assert!(!f["explanation"].as_str().unwrap().is_empty());
+    }
+    assert_no_leftovers();
+}
+
+#[test]
+fn ctrl_c_mid_run_leaves_nothing_behind() {
+    require_root();
+    let mut child = Command::new(TRACER)
+        .args(["lab", "snat-race", "--rounds", "100000", "--quiet"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait until the cluster exists and traffic is flowing.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while tracer::netns::leftovers(PREFIX).len() < 5 {
+        assert!(Instant::now() < deadline, "lab never built its namespaces");
+        assert!(child.try_wait().unwrap().is_none(), "lab exited early");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    signal(child.id(), libc::SIGINT);
+    let status = wait_timeout(&mut child, Duration::from_secs(30)).unwrap_or_else(|| {
+        let _ = child.kill();
+        panic!("lab did not stop within 30 s of SIGINT")
+    });
+    assert_eq!(status.code(), Some(128 + libc::SIGINT), "{status}");
+    assert_no_leftovers();
+}
