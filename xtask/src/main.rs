@@ -44,6 +44,12 @@ enum Verb {
         #[arg(last = true)]
         args: Vec<String>,
     },
+    /// Setup, release build, then `tracer lab snat-race --rounds 100 <args>`: the tracer at
+    /// work on a quiet machine.
+    Demo {
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
     /// Measure the kernel-side port filter: UDP send rate to a non-DNS port with the tracer
     /// attached vs detached, alternating in one run (root).
     BenchFilter {
@@ -76,6 +82,7 @@ fn main() -> ExitCode {
         Verb::Test { args } => test::run(&ws, &args),
         Verb::Lint => lint::run(&ws),
         Verb::Watch { args } => watch::run(&ws, &args),
+        Verb::Demo { args } => watch::demo(&ws, &args),
         Verb::BenchFilter { seconds, rounds } => bench::run(&ws, &bench::Args { seconds, rounds }),
     });
     match result {
