@@ -1609,6 +1609,699 @@ pub fn udp_echo_flows(
     Ok(report)
 }
 
+// ---------------------------------------------------------------------------------------
+// 4. An out-of-window segment through a DNAT node (INVALID, kubernetes#74839)
+//
+// A pod talks TCP to a service VIP that the node DNATs to a backend which routes its
+// replies straight back to the pods (no SNAT). A segment from the backend that the node's
+// conntrack finds out of window is INVALID: conntrack detaches from it, so it is not
+// reverse-NATed and reaches the pod with the backend's real address as its source. The pod
+// has no socket for that 4-tuple and answers with RST, which resets the backend's side of
+// the connection. `nf_conntrack_tcp_be_liberal=1` (the segment is reverse-NATed and the
+// pod's socket just ACKs it) and `ct state invalid drop` (it never reaches the pod) both
+// keep the connection alive.
+
+use crate::lab::topology::{Cluster, SERVER_IP, SERVER_PORT};
+use crate::netns::Netns;
+
+/// The service VIP of the INVALID scenario, DNATed by [`setup_invalid_dnat`] to the lab's
+/// server ([`SERVER_IP`]:[`SERVER_PORT`]).
+pub const INVALID_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 20);
+/// The VIP's TCP port.
+pub const INVALID_VIP_PORT: u16 = 80;
+/// The node's nft table with the VIP's DNAT rule.
+pub const INVALID_DNAT_TABLE: &str = "labinvalid";
+/// The node's nft table of [`drop_invalid`].
+pub const INVALID_DROP_TABLE: &str = "labinvaliddrop";
+/// The node's sysctl of [`set_tcp_be_liberal`].
+pub const TCP_BE_LIBERAL: &str = "net.netfilter.nf_conntrack_tcp_be_liberal";
+/// How far beyond the backend's `snd_nxt` the forged segment's sequence number lies. Far
+/// above any window this lab can open (a receive window is at most 2^30 with the largest
+/// window scale), and below 2^31 so sequence-number arithmetic calls it "after", not
+/// "before".
+pub const FORGED_SEQ_OFFSET: u32 = 0x6000_0000;
+/// Payload of the forged segment.
+const FORGED_PAYLOAD: &[u8] = b"conntrack-out-of-window";
+/// The forged segment's window field.
+const FORGED_WINDOW: u16 = 502;
+/// Packets looked at per drain of the pod's packet socket, at most.
+const SNIFF_MAX_PACKETS: usize = 4096;
+
+const TCP_FLAG_RST: u8 = 0x04;
+const TCP_FLAG_PSH: u8 = 0x08;
+const TCP_FLAG_ACK: u8 = 0x10;
+/// `enum tcp_repair_queue` values and `TCP_REPAIR_OFF_NO_WP` of `<linux/tcp.h>`.
+const TCP_RECV_QUEUE: libc::c_int = 1;
+const TCP_SEND_QUEUE: libc::c_int = 2;
+const TCP_REPAIR_ON: libc::c_int = 1;
+const TCP_REPAIR_OFF_NO_WP: libc::c_int = -1;
+/// `sll_pkttype` of `<linux/if_packet.h>`.
+const PACKET_HOST: u8 = 0;
+const PACKET_OUTGOING: u8 = 4;
+
+/// Sets up the INVALID scenario on a lab cluster built with a server namespace: on the
+/// node, table [`INVALID_DNAT_TABLE`] DNATs TCP to [`INVALID_VIP`]:[`INVALID_VIP_PORT`] to
+/// the server ([`SERVER_IP`]:[`SERVER_PORT`]); the server gets a route back to the pods
+/// (10.244.0.0/16) via the node, so replies are not SNATed. Returns `(vip, backend)` for
+/// [`invalid_segment`].
+pub fn setup_invalid_dnat(cluster: &Cluster) -> Result<(SocketAddr, SocketAddr)> {
+    let server = cluster.server.as_ref().context(
+        "the INVALID scenario needs the lab's server namespace (Cluster::build(.., .., true))",
+    )?;
+    cluster.node.nft(&format!(
+        "table ip {INVALID_DNAT_TABLE} {{\n  chain pre {{\n    \
+         type nat hook prerouting priority -100; policy accept;\n    \
+         ip daddr {INVALID_VIP} tcp dport {INVALID_VIP_PORT} dnat to {SERVER_IP}:{SERVER_PORT}\n  \
+         }}\n}}\n"
+    ))?;
+    server
+        .route_add("10.244.0.0/16 via 10.246.0.1")
+        .context("route from the server back to the pods via the node")?;
+    Ok((
+        SocketAddr::new(IpAddr::V4(INVALID_VIP), INVALID_VIP_PORT),
+        SocketAddr::new(IpAddr::V4(SERVER_IP), SERVER_PORT),
+    ))
+}
+
+/// Mitigation 1: `net.netfilter.nf_conntrack_tcp_be_liberal` in `node` (per netns; the
+/// conntrack module must be loaded, which any nat or ct rule does).
+pub fn set_tcp_be_liberal(node: &Netns, on: bool) -> Result<()> {
+    node.sysctl_set(TCP_BE_LIBERAL, if on { "1" } else { "0" })
+}
+
+/// Mitigation 2: table [`INVALID_DROP_TABLE`] in `node` with `ct state invalid counter drop`
+/// in a forward chain.
+pub fn drop_invalid(node: &Netns) -> Result<()> {
+    node.nft(&format!(
+        "table inet {INVALID_DROP_TABLE} {{\n  chain forward {{\n    \
+         type filter hook forward priority 0; policy accept;\n    \
+         ct state invalid counter drop\n  }}\n}}\n"
+    ))
+}
+
+/// One round of [`invalid_segment`].
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct InvalidRound {
+    pub round: u32,
+    /// The pod socket's local address.
+    pub pod: Option<SocketAddr>,
+    /// The pod as the server sees it (`getpeername` of the accepted socket): the forged
+    /// segment's destination.
+    pub peer: Option<SocketAddr>,
+    /// The forged segment's sequence number (the server's `snd_nxt` +
+    /// [`FORGED_SEQ_OFFSET`]) and acknowledgment number (the server's `rcv_nxt`).
+    pub forged_seq: Option<u32>,
+    pub forged_ack: Option<u32>,
+    /// The source address the forged segment had when it arrived in the pod: the backend
+    /// (not reverse-NATed: the node's conntrack found it INVALID), the VIP (reverse-NATed),
+    /// or None (it never arrived, e.g. dropped on the node).
+    pub forged_arrived_from: Option<SocketAddr>,
+    /// The pod sent an RST from its socket's port to the backend's real address.
+    pub rst_from_pod: bool,
+    /// The server's accepted socket was reset.
+    pub server_reset: bool,
+    /// From sending the forged segment to the server socket reporting the reset.
+    pub reset_after_us: Option<u64>,
+    /// After the forged segment, a byte sent by the pod came back echoed by the server.
+    pub client_alive: bool,
+    /// Why the pod's socket was not alive (e.g. "Connection reset by peer").
+    pub client_error: Option<String>,
+    /// The round could not be set up (connect, accept, data exchange, forging); its
+    /// outcome fields then stay false / None.
+    pub error: Option<String>,
+}
+
+/// Result of [`invalid_segment`].
+#[derive(Debug, Clone, Serialize)]
+pub struct InvalidReport {
+    pub vip: SocketAddr,
+    pub backend: SocketAddr,
+    pub timeout_ms: u64,
+    /// Rounds run (including those with an `error`).
+    pub rounds: u64,
+    /// Rounds in which the server's connection was reset.
+    pub server_resets: u64,
+    /// Rounds in which the pod's connection still worked afterwards.
+    pub client_alive: u64,
+    /// Rounds in which the pod sent an RST to the backend's real address.
+    pub rst_from_pod: u64,
+    /// Rounds in which the forged segment reached the pod with the backend's address.
+    pub forged_untranslated: u64,
+    /// ... with the VIP's address (reverse-NATed).
+    pub forged_translated: u64,
+    /// ... not at all.
+    pub forged_unseen: u64,
+    /// Rounds that could not be set up.
+    pub errors: u64,
+    pub elapsed_ms: u64,
+    pub per_round: Vec<InvalidRound>,
+}
+
+/// The INVALID failure mode, `rounds` times: per round the pod (a thread in `pod`) connects
+/// to `vip` (DNATed by the node to `backend`), a listener in `server` on `backend` (one for
+/// all rounds) accepts, and they exchange 4 bytes each way (ESTABLISHED, ASSURED). Then a
+/// raw socket in `server` sends a forged segment backend -> pod (the accepted socket's
+/// peer) with ACK and PSH, [`FORGED_SEQ_OFFSET`] beyond the server's `snd_nxt` (out of any
+/// window), acknowledging exactly the server's `rcv_nxt` (so an RST the pod derives from it
+/// carries the sequence number the server's socket accepts as a reset). Both are read with
+/// `TCP_REPAIR` (root). Then:
+/// - waits up to `timeout` for the server's socket to be reset (ECONNRESET);
+/// - the pod sends one byte; unless reset, the server echoes it; the pod waits up to
+///   `timeout` for it (`client_alive`);
+/// - a packet socket in `pod` tells how the forged segment arrived (from the backend or the
+///   VIP) and whether the pod answered with RST to the backend.
+///
+/// Every socket is closed at the end of its round (SO_LINGER 0, the server's first). A round
+/// takes at most 11 x `timeout` (each step waits up to `timeout`); one without a reset at
+/// least `timeout` (the wait for it). IPv4 only.
+pub fn invalid_segment(
+    pod: &Path,
+    server: &Path,
+    vip: SocketAddr,
+    backend: SocketAddr,
+    rounds: u32,
+    timeout: Duration,
+) -> Result<InvalidReport> {
+    check_rounds(rounds, timeout)?;
+    let SocketAddr::V4(backend4) = backend else {
+        bail!("invalid_segment: IPv4 only, backend {backend}");
+    };
+    ensure!(vip.is_ipv4(), "invalid_segment: IPv4 only, vip {vip}");
+    let started = Instant::now();
+    let (listener, raw) = in_netns(server, move || -> Result<(OwnedFd, OwnedFd)> {
+        let l = new_socket(&backend, libc::SOCK_STREAM, true).context("TCP socket")?;
+        set_reuseaddr(l.as_raw_fd())?;
+        bind_fd(l.as_raw_fd(), &backend).with_context(|| format!("binding {backend}"))?;
+        // SAFETY: plain syscall on a valid fd.
+        cvt(unsafe { libc::listen(l.as_raw_fd(), 16) }).context("listen")?;
+        // SAFETY: plain syscall; IPPROTO_RAW implies IP_HDRINCL.
+        let fd = cvt(unsafe {
+            libc::socket(
+                libc::AF_INET,
+                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+                libc::IPPROTO_RAW,
+            )
+        })
+        .context("raw socket (needs CAP_NET_RAW)")?;
+        // SAFETY: fd is a new, owned descriptor.
+        Ok((l, unsafe { OwnedFd::from_raw_fd(fd) }))
+    })?
+    .with_context(|| format!("server side in {}", server.display()))?;
+    let sniffer = in_netns(pod, packet_socket)?
+        .with_context(|| format!("packet socket in {}", pod.display()))?;
+    let ctx = InvalidCtx {
+        pod,
+        vip,
+        backend: backend4,
+        listener,
+        raw,
+        sniffer,
+        timeout,
+    };
+    let per_round: Vec<InvalidRound> = (0..rounds)
+        .map(|round| {
+            let mut r = InvalidRound {
+                round,
+                ..InvalidRound::default()
+            };
+            if let Err(e) = invalid_round(&ctx, &mut r) {
+                r.error = Some(format!("{e:#}"));
+            }
+            r
+        })
+        .collect();
+    let count =
+        |f: &dyn Fn(&InvalidRound) -> bool| per_round.iter().filter(|r| f(r)).count() as u64;
+    let is_backend = |a: &Option<SocketAddr>| *a == Some(backend);
+    Ok(InvalidReport {
+        vip,
+        backend,
+        timeout_ms: u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
+        rounds: per_round.len() as u64,
+        server_resets: count(&|r| r.server_reset),
+        client_alive: count(&|r| r.client_alive),
+        rst_from_pod: count(&|r| r.rst_from_pod),
+        forged_untranslated: count(&|r| is_backend(&r.forged_arrived_from)),
+        forged_translated: count(&|r| {
+            r.forged_arrived_from.is_some() && !is_backend(&r.forged_arrived_from)
+        }),
+        forged_unseen: count(&|r| r.error.is_none() && r.forged_arrived_from.is_none()),
+        errors: count(&|r| r.error.is_some()),
+        elapsed_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+        per_round,
+    })
+}
+
+struct InvalidCtx<'a> {
+    pod: &'a Path,
+    vip: SocketAddr,
+    backend: SocketAddrV4,
+    /// In the server netns, on `backend`.
+    listener: OwnedFd,
+    /// IPPROTO_RAW in the server netns.
+    raw: OwnedFd,
+    /// AF_PACKET in the pod netns.
+    sniffer: OwnedFd,
+    timeout: Duration,
+}
+
+fn timed_out(what: &str) -> io::Error {
+    io::Error::new(io::ErrorKind::TimedOut, format!("{what}: timed out"))
+}
+
+/// Sends all of `data` on a non-blocking socket within `timeout` (MSG_NOSIGNAL).
+fn send_all_nb(fd: RawFd, data: &[u8], timeout: Duration) -> io::Result<()> {
+    let deadline = Instant::now() + timeout;
+    let mut off = 0;
+    while off < data.len() {
+        // SAFETY: valid buffer; no SIGPIPE.
+        let n = unsafe {
+            libc::send(
+                fd,
+                data[off..].as_ptr().cast(),
+                data.len() - off,
+                libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
+            )
+        };
+        if n >= 0 {
+            off += n as usize;
+            continue;
+        }
+        let e = io::Error::last_os_error();
+        match e.kind() {
+            io::ErrorKind::Interrupted => {}
+            io::ErrorKind::WouldBlock => {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() || poll_fd(fd, libc::POLLOUT, left)? == 0 {
+                    return Err(timed_out("send"));
+                }
+            }
+            _ => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Reads exactly `n` bytes from a non-blocking socket within `timeout`.
+fn recv_exact_nb(fd: RawFd, n: usize, timeout: Duration) -> io::Result<Vec<u8>> {
+    let deadline = Instant::now() + timeout;
+    let mut out = vec![0u8; n];
+    let mut got = 0;
+    while got < n {
+        // SAFETY: valid buffer of the given length.
+        let m = unsafe {
+            libc::recv(
+                fd,
+                out[got..].as_mut_ptr().cast(),
+                n - got,
+                libc::MSG_DONTWAIT,
+            )
+        };
+        if m > 0 {
+            got += m as usize;
+            continue;
+        }
+        if m == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!("recv: connection closed after {got} of {n} bytes"),
+            ));
+        }
+        let e = io::Error::last_os_error();
+        match e.kind() {
+            io::ErrorKind::Interrupted => {}
+            io::ErrorKind::WouldBlock => {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() || poll_fd(fd, libc::POLLIN, left)? == 0 {
+                    return Err(timed_out("recv"));
+                }
+            }
+            _ => return Err(e),
+        }
+    }
+    Ok(out)
+}
+
+fn getsockopt_int(fd: RawFd, level: libc::c_int, name: libc::c_int) -> io::Result<libc::c_int> {
+    let mut v: libc::c_int = 0;
+    let mut len = mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: valid pointers and size.
+    cvt(unsafe { libc::getsockopt(fd, level, name, std::ptr::from_mut(&mut v).cast(), &mut len) })?;
+    Ok(v)
+}
+
+/// `(snd_nxt, rcv_nxt)` of a connected TCP socket (`write_seq` and `rcv_nxt`: with nothing
+/// unsent, `write_seq` is `snd_nxt`), read in `TCP_REPAIR` mode, which is left again without
+/// a window probe. Needs CAP_NET_ADMIN.
+fn tcp_seqs(fd: RawFd) -> io::Result<(u32, u32)> {
+    setsockopt(fd, libc::IPPROTO_TCP, libc::TCP_REPAIR, &TCP_REPAIR_ON)?;
+    let read = || -> io::Result<(u32, u32)> {
+        setsockopt(
+            fd,
+            libc::IPPROTO_TCP,
+            libc::TCP_REPAIR_QUEUE,
+            &TCP_SEND_QUEUE,
+        )?;
+        let snd = getsockopt_int(fd, libc::IPPROTO_TCP, libc::TCP_QUEUE_SEQ)?;
+        setsockopt(
+            fd,
+            libc::IPPROTO_TCP,
+            libc::TCP_REPAIR_QUEUE,
+            &TCP_RECV_QUEUE,
+        )?;
+        let rcv = getsockopt_int(fd, libc::IPPROTO_TCP, libc::TCP_QUEUE_SEQ)?;
+        Ok((snd as u32, rcv as u32))
+    };
+    let seqs = read();
+    let off = setsockopt(
+        fd,
+        libc::IPPROTO_TCP,
+        libc::TCP_REPAIR,
+        &TCP_REPAIR_OFF_NO_WP,
+    );
+    let seqs = seqs?;
+    off?;
+    Ok(seqs)
+}
+
+/// The Internet checksum (RFC 1071) of `data`, continuing from the partial sum `sum`.
+fn csum_add(mut sum: u32, data: &[u8]) -> u32 {
+    let mut chunks = data.chunks_exact(2);
+    for c in &mut chunks {
+        sum = sum.wrapping_add(u32::from(u16::from_be_bytes([c[0], c[1]])));
+    }
+    if let [last] = chunks.remainder() {
+        sum = sum.wrapping_add(u32::from(*last) << 8);
+    }
+    sum
+}
+
+fn csum_fold(mut sum: u32) -> u16 {
+    while sum >> 16 != 0 {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// An IPv4 packet (20-byte header, DF, TTL 64, id 0: a raw socket's kernel fills in an id
+/// and recomputes the header checksum) carrying a TCP segment (20-byte header, no options,
+/// window [`FORGED_WINDOW`]) with both checksums filled in.
+fn tcp_segment_v4(
+    src: SocketAddrV4,
+    dst: SocketAddrV4,
+    seq: u32,
+    ack: u32,
+    flags: u8,
+    payload: &[u8],
+) -> Vec<u8> {
+    let tcp_len = 20 + payload.len();
+    let total = 20 + tcp_len;
+    let mut p = Vec::with_capacity(total);
+    p.extend_from_slice(&[0x45, 0]);
+    p.extend_from_slice(&(total as u16).to_be_bytes());
+    p.extend_from_slice(&[0, 0]); // id
+    p.extend_from_slice(&0x4000u16.to_be_bytes()); // DF
+    p.extend_from_slice(&[64, libc::IPPROTO_TCP as u8, 0, 0]);
+    p.extend_from_slice(&src.ip().octets());
+    p.extend_from_slice(&dst.ip().octets());
+    let ip_sum = csum_fold(csum_add(0, &p));
+    p[10..12].copy_from_slice(&ip_sum.to_be_bytes());
+    p.extend_from_slice(&src.port().to_be_bytes());
+    p.extend_from_slice(&dst.port().to_be_bytes());
+    p.extend_from_slice(&seq.to_be_bytes());
+    p.extend_from_slice(&ack.to_be_bytes());
+    p.extend_from_slice(&[5 << 4, flags]);
+    p.extend_from_slice(&FORGED_WINDOW.to_be_bytes());
+    p.extend_from_slice(&[0, 0, 0, 0]); // checksum, urgent pointer
+    p.extend_from_slice(payload);
+    let mut pseudo = [0u8; 12];
+    pseudo[..4].copy_from_slice(&src.ip().octets());
+    pseudo[4..8].copy_from_slice(&dst.ip().octets());
+    pseudo[9] = libc::IPPROTO_TCP as u8;
+    pseudo[10..].copy_from_slice(&(tcp_len as u16).to_be_bytes());
+    let tcp_sum = csum_fold(csum_add(csum_add(0, &pseudo), &p[20..]));
+    p[36..38].copy_from_slice(&tcp_sum.to_be_bytes());
+    p
+}
+
+/// The addresses, sequence number and flags of an IPv4 packet carrying TCP (first
+/// fragment), or None.
+fn parse_tcp_v4(pkt: &[u8]) -> Option<(SocketAddrV4, SocketAddrV4, u32, u8)> {
+    if pkt.len() < 20 || pkt[0] >> 4 != 4 || pkt[9] != libc::IPPROTO_TCP as u8 {
+        return None;
+    }
+    let ihl = usize::from(pkt[0] & 0x0f) * 4;
+    let frag_off = u16::from_be_bytes([pkt[6], pkt[7]]) & 0x1fff;
+    if ihl < 20 || frag_off != 0 || pkt.len() < ihl + 20 {
+        return None;
+    }
+    let ip = |o: usize| Ipv4Addr::new(pkt[o], pkt[o + 1], pkt[o + 2], pkt[o + 3]);
+    let t = &pkt[ihl..];
+    let port = |o: usize| u16::from_be_bytes([t[o], t[o + 1]]);
+    Some((
+        SocketAddrV4::new(ip(12), port(0)),
+        SocketAddrV4::new(ip(16), port(2)),
+        u32::from_be_bytes([t[4], t[5], t[6], t[7]]),
+        t[13],
+    ))
+}
+
+/// AF_PACKET / SOCK_DGRAM on every interface of the calling thread's netns, non-blocking.
+/// ETH_P_ALL, not ETH_P_IP: only ETH_P_ALL taps see outgoing packets.
+fn packet_socket() -> io::Result<OwnedFd> {
+    let proto = libc::c_int::from((libc::ETH_P_ALL as u16).to_be());
+    // SAFETY: plain syscall.
+    let fd = cvt(unsafe {
+        libc::socket(
+            libc::AF_PACKET,
+            libc::SOCK_DGRAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            proto,
+        )
+    })?;
+    // SAFETY: fd is a new, owned descriptor.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Reads what is queued on a packet socket (at most [`SNIFF_MAX_PACKETS`]) and passes each
+/// TCP/IPv4 packet to `f` with whether it was outgoing.
+fn drain_packets(fd: RawFd, mut f: impl FnMut(bool, SocketAddrV4, SocketAddrV4, u32, u8)) {
+    let mut buf = [0u8; 2048];
+    for _ in 0..SNIFF_MAX_PACKETS {
+        // SAFETY: sockaddr_ll is plain data; zeroed is valid.
+        let mut sll: libc::sockaddr_ll = unsafe { mem::zeroed() };
+        let mut len = mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t;
+        // SAFETY: valid buffer and address storage.
+        let n = unsafe {
+            libc::recvfrom(
+                fd,
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                libc::MSG_DONTWAIT,
+                std::ptr::from_mut(&mut sll).cast(),
+                &mut len,
+            )
+        };
+        if n < 0 {
+            if io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return; // EAGAIN: nothing more
+        }
+        if sll.sll_protocol != (libc::ETH_P_IP as u16).to_be() {
+            continue;
+        }
+        let outgoing = match sll.sll_pkttype {
+            PACKET_OUTGOING => true,
+            PACKET_HOST => false,
+            _ => continue,
+        };
+        if let Some((src, dst, seq, flags)) = parse_tcp_v4(&buf[..n as usize]) {
+            f(outgoing, src, dst, seq, flags);
+        }
+    }
+}
+
+/// Waits up to `timeout` for `fd` to be reset; Some(time waited) if it was.
+fn wait_reset(fd: RawFd, timeout: Duration) -> io::Result<Option<Duration>> {
+    let start = Instant::now();
+    let deadline = start + timeout;
+    let mut buf = [0u8; 256];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() || poll_fd(fd, libc::POLLIN, left)? == 0 {
+            return Ok(None);
+        }
+        // SAFETY: valid buffer.
+        let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
+        if n > 0 {
+            continue; // unexpected data: ignore it
+        }
+        if n == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "server socket: the pod closed the connection",
+            ));
+        }
+        let e = io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::ECONNRESET) => return Ok(Some(start.elapsed())),
+            Some(libc::EAGAIN) | Some(libc::EINTR) => {}
+            _ => return Err(e),
+        }
+    }
+}
+
+fn is_reset(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::ECONNRESET) | Some(libc::EPIPE))
+}
+
+fn invalid_round(ctx: &InvalidCtx<'_>, r: &mut InvalidRound) -> Result<()> {
+    let timeout = ctx.timeout;
+    // Forget what the pod's packet socket saw before this round.
+    drain_packets(ctx.sniffer.as_raw_fd(), |_, _, _, _, _| {});
+
+    // Connect (pod -> VIP) and accept (server).
+    let vip = ctx.vip;
+    let client = in_netns(ctx.pod, move || -> io::Result<OwnedFd> {
+        let fd = new_socket(&vip, libc::SOCK_STREAM, true)?;
+        set_linger_zero(fd.as_raw_fd())?;
+        match connect_fd(fd.as_raw_fd(), &vip) {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+            Err(e) => return Err(e),
+        }
+        Ok(fd)
+    })?
+    .with_context(|| format!("pod: connect to {vip}"))?;
+    let c = client.as_raw_fd();
+    ensure!(
+        poll_fd(c, libc::POLLOUT, timeout)? != 0,
+        "pod: connect to {vip} timed out after {timeout:?}"
+    );
+    match so_error(c)? {
+        0 => {}
+        e => bail!("pod: connect to {vip}: {}", io::Error::from_raw_os_error(e)),
+    }
+    r.pod = local_addr_fd(c);
+    let l = ctx.listener.as_raw_fd();
+    ensure!(
+        poll_fd(l, libc::POLLIN, timeout)? != 0,
+        "server: no connection to accept within {timeout:?}"
+    );
+    // SAFETY: zeroed storage; accept4 fills at most len bytes.
+    let mut ss: libc::sockaddr_storage = unsafe { mem::zeroed() };
+    let mut len = mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    // SAFETY: valid pointers.
+    let fd = cvt(unsafe {
+        libc::accept4(
+            l,
+            std::ptr::from_mut(&mut ss).cast(),
+            &mut len,
+            libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+        )
+    })
+    .context("server: accept")?;
+    // SAFETY: fd is a new, owned descriptor. Declared after `client`, so dropped (closed)
+    // before it.
+    let accepted = unsafe { OwnedFd::from_raw_fd(fd) };
+    let s = accepted.as_raw_fd();
+    set_linger_zero(s)?;
+    let peer = socketaddr_from(&ss);
+    r.peer = peer;
+    let Some(SocketAddr::V4(peer4)) = peer else {
+        bail!("server: accepted a connection from {peer:?}, not IPv4");
+    };
+
+    // A little data both ways: ESTABLISHED and ASSURED on the node.
+    send_all_nb(c, b"ping", timeout).context("pod: send")?;
+    recv_exact_nb(s, 4, timeout).context("server: recv")?;
+    send_all_nb(s, b"pong", timeout).context("server: send")?;
+    recv_exact_nb(c, 4, timeout).context("pod: recv")?;
+
+    // Forge the out-of-window segment backend -> pod.
+    let (snd_nxt, rcv_nxt) = tcp_seqs(s).context("server: TCP_REPAIR sequence numbers")?;
+    let seq = snd_nxt.wrapping_add(FORGED_SEQ_OFFSET);
+    r.forged_seq = Some(seq);
+    r.forged_ack = Some(rcv_nxt);
+    let pkt = tcp_segment_v4(
+        ctx.backend,
+        peer4,
+        seq,
+        rcv_nxt,
+        TCP_FLAG_ACK | TCP_FLAG_PSH,
+        FORGED_PAYLOAD,
+    );
+    let (dst, dst_len) = sockaddr_of(&SocketAddr::V4(SocketAddrV4::new(*peer4.ip(), 0)));
+    // SAFETY: valid buffer and sockaddr.
+    let sent = unsafe {
+        libc::sendto(
+            ctx.raw.as_raw_fd(),
+            pkt.as_ptr().cast(),
+            pkt.len(),
+            0,
+            std::ptr::from_ref(&dst).cast(),
+            dst_len,
+        )
+    };
+    if sent < 0 {
+        return Err(io::Error::last_os_error()).context("server: sending the forged segment");
+    }
+
+    // Outcome 1: is the server's connection reset?
+    if let Some(after) = wait_reset(s, timeout).context("server: waiting for a reset")? {
+        r.server_reset = true;
+        r.reset_after_us = Some(micros(after));
+    }
+
+    // Outcome 2: does the pod's connection still work?
+    let alive = (|| -> std::result::Result<(), String> {
+        send_all_nb(c, b"!", timeout).map_err(|e| format!("send: {e}"))?;
+        if !r.server_reset {
+            match recv_exact_nb(s, 1, timeout) {
+                Ok(_) => {
+                    send_all_nb(s, b"!", timeout).map_err(|e| format!("server side: echo: {e}"))?
+                }
+                Err(e) => {
+                    if is_reset(&e) {
+                        r.server_reset = true; // later than `timeout`
+                    }
+                    return Err(format!("server side: recv: {e}"));
+                }
+            }
+        }
+        match recv_exact_nb(c, 1, timeout) {
+            Ok(b) if b == b"!" => Ok(()),
+            Ok(b) => Err(format!("unexpected echo {b:?}")),
+            Err(e) => Err(format!("recv: {e}")),
+        }
+    })();
+    match alive {
+        Ok(()) => r.client_alive = true,
+        Err(e) => r.client_error = Some(e),
+    }
+
+    // Outcome 3: what the pod saw and sent.
+    let pod_port = r.pod.map_or(peer4.port(), |a| a.port());
+    let backend = ctx.backend;
+    drain_packets(
+        ctx.sniffer.as_raw_fd(),
+        |outgoing, src, dst, pseq, flags| {
+            if !outgoing && dst == peer4 && pseq == seq && r.forged_arrived_from.is_none() {
+                r.forged_arrived_from = Some(SocketAddr::V4(src));
+            }
+            if outgoing && flags & TCP_FLAG_RST != 0 && src.port() == pod_port && dst == backend {
+                r.rst_from_pod = true;
+            }
+        },
+    );
+
+    // The server's socket first (an RST that the pod's socket takes while it is still
+    // ESTABLISHED on the node), then the pod's.
+    drop(accepted);
+    drop(client);
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1701,5 +2394,43 @@ mod tests {
         sorted.dedup();
         assert_eq!(sorted.len(), v.len());
         assert_eq!(source_ports(1024, 65535, 1024).count(), 64512);
+    }
+}
+
+#[cfg(test)]
+mod invalid_tests {
+    use super::*;
+
+    #[test]
+    fn ip_checksum_of_a_known_header() {
+        // RFC 1071-style example: 45 00 00 73 00 00 40 00 40 11 [b8 61] c0 a8 00 01 c0 a8 00 c7
+        let h = [
+            0x45, 0x00, 0x00, 0x73, 0x00, 0x00, 0x40, 0x00, 0x40, 0x11, 0x00, 0x00, 0xc0, 0xa8,
+            0x00, 0x01, 0xc0, 0xa8, 0x00, 0xc7,
+        ];
+        assert_eq!(csum_fold(csum_add(0, &h)), 0xb861);
+    }
+
+    #[test]
+    fn forged_segment_checksums_verify() {
+        let src: SocketAddrV4 = "10.246.0.2:8080".parse().unwrap();
+        let dst: SocketAddrV4 = "10.244.0.2:40000".parse().unwrap();
+        for payload in [&b""[..], b"x", b"odd-length payload"] {
+            let p = tcp_segment_v4(src, dst, 0xdead_beef, 7, TCP_FLAG_ACK, payload);
+            assert_eq!(p.len(), 40 + payload.len());
+            // A header with its checksum in place sums to 0xffff (folds to 0).
+            assert_eq!(csum_fold(csum_add(0, &p[..20])), 0);
+            let mut pseudo = [0u8; 12];
+            pseudo[..4].copy_from_slice(&src.ip().octets());
+            pseudo[4..8].copy_from_slice(&dst.ip().octets());
+            pseudo[9] = 6;
+            pseudo[10..].copy_from_slice(&((20 + payload.len()) as u16).to_be_bytes());
+            assert_eq!(csum_fold(csum_add(csum_add(0, &pseudo), &p[20..])), 0);
+            assert_eq!(
+                parse_tcp_v4(&p),
+                Some((src, dst, 0xdead_beef, TCP_FLAG_ACK))
+            );
+        }
+        assert_eq!(parse_tcp_v4(&[0x45; 19]), None);
     }
 }
