@@ -106,7 +106,10 @@ pub fn is_rule_engine(location_sym: &str) -> bool {
 #[derive(Debug, Default, Clone)]
 struct Books {
     baseline: CpuStats,
+    /// The latest reading (drops and polls).
     last: CpuStats,
+    /// The reading the counter-only verdicts were last taken from.
+    polled: CpuStats,
     named_insert_failed: u64,
     named_table_full: u64,
 }
@@ -229,9 +232,11 @@ impl Classifier {
     /// (resolved clashes, early drops, INVALID packets).
     pub fn counters(&mut self, netns: u32, ts_ns: u64, stats: &CpuStats) -> Vec<Finding> {
         let books = self.books.entry(netns).or_default();
-        let before = books.last.clone();
+        // Measured from the previous poll, not from the latest reading: a drop's reading
+        // must not hide what moved in between.
+        let moved = stats.delta(&books.polled);
+        books.polled = stats.clone();
         books.last = stats.clone();
-        let moved = stats.delta(&before);
         let mut out = Vec::new();
         let mut push = |verdict: Verdict, n: u32, explanation: String| {
             if n > 0 {
@@ -420,6 +425,21 @@ mod tests {
         );
         assert!(c.counters(9, 200, &s).is_empty(), "nothing moved");
         assert_eq!(c.deltas()[&9].clash_resolve, 3);
+    }
+
+    #[test]
+    fn a_drop_reading_does_not_swallow_counter_only_movement() {
+        let mut c = Classifier::new();
+        c.baseline(7, &CpuStats::default());
+        let with_invalid = CpuStats {
+            invalid: 2,
+            ..CpuStats::default()
+        };
+        let f = c.drop_event(&drop_ev(None), "nft_do_chain+0x10", Some(&with_invalid));
+        assert_eq!(f.verdict, Verdict::RulesetDrop);
+        let f = c.counters(7, 5, &with_invalid);
+        assert_eq!(f.len(), 1);
+        assert_eq!((f[0].verdict, f[0].count), (Verdict::Invalid, 2));
     }
 
     #[test]

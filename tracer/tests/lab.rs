@@ -260,3 +260,34 @@ fn ctrl_c_mid_run_leaves_nothing_behind() {
     assert_eq!(status.code(), Some(128 + libc::SIGINT), "{status}");
     assert_no_leftovers();
 }
+
+#[test]
+fn invalid_segments_reset_connections_unless_mitigated() {
+    let r = lab(&["invalid", "--rounds", "10"]);
+    assert_eq!(r["failed"], 10, "every backend connection reset: {r:#}");
+    assert_eq!(r["traffic"]["rst_from_pod"], 10);
+    // The forged segment and the pod's RST are both INVALID on the node.
+    assert_eq!(counter(&r, "invalid"), 20);
+    assert_eq!(verdict(&r, "invalid"), 20);
+    assert_eq!(verdict(&r, "ruleset-drop"), 0);
+
+    let r = lab(&["invalid", "--rounds", "10", "--mitigation", "be-liberal"]);
+    assert_eq!(r["failed"], 0, "be_liberal: no reset: {r:#}");
+    assert_eq!(r["traffic"]["rst_from_pod"], 0);
+    assert_eq!(counter(&r, "invalid"), 0);
+    assert_eq!(verdict(&r, "invalid"), 0);
+
+    let r = lab(&["invalid", "--rounds", "10", "--mitigation", "invalid-drop"]);
+    assert_eq!(
+        r["failed"], 0,
+        "INVALID dropped on the node: no reset: {r:#}"
+    );
+    assert_eq!(counter(&r, "invalid"), 10);
+    assert_eq!(verdict(&r, "invalid"), 10);
+    assert_eq!(
+        verdict(&r, "ruleset-drop"),
+        10,
+        "the rule's drops are ruleset drops"
+    );
+    assert_eq!(r["events"]["nf_drop"], 10);
+}

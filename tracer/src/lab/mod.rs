@@ -36,6 +36,8 @@ pub enum Scenario {
     TableFull,
     /// The node's table filled with unassured entries, then new flows.
     EarlyDrop,
+    /// A forged out-of-window TCP segment from a backend through a DNAT node.
+    Invalid,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
@@ -43,6 +45,10 @@ pub enum Scenario {
 pub enum Mitigation {
     /// MASQUERADE with `--random-fully` (nft `fully-random`).
     RandomFully,
+    /// `nf_conntrack_tcp_be_liberal=1` on the node: out-of-window segments are not INVALID.
+    BeLiberal,
+    /// `ct state invalid drop` on the node: INVALID packets never reach the pod.
+    InvalidDrop,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
@@ -264,7 +270,9 @@ pub fn run(args: &LabArgs, live: Option<collect::Live>) -> anyhow::Result<LabRep
     let cluster = match args.scenario {
         Scenario::DnsRace => Cluster::build(1, 2, false)?,
         Scenario::SnatRace => Cluster::build(args.pods.max(2), 0, true)?,
-        Scenario::TableFull | Scenario::EarlyDrop => Cluster::build(1, 0, true)?,
+        Scenario::TableFull | Scenario::EarlyDrop | Scenario::Invalid => {
+            Cluster::build(1, 0, true)?
+        }
     };
     match args.scenario {
         Scenario::DnsRace => cluster.dns_service(args.rules)?,
@@ -272,6 +280,15 @@ pub fn run(args: &LabArgs, live: Option<collect::Live>) -> anyhow::Result<LabRep
         Scenario::TableFull | Scenario::EarlyDrop => {
             cluster.masquerade(args.rules, false)?;
             cluster.track_everything()?;
+        }
+        Scenario::Invalid => {
+            traffic::setup_invalid_dnat(&cluster)?;
+            if args.mitigations.contains(&Mitigation::BeLiberal) {
+                traffic::set_tcp_be_liberal(&cluster.node, true)?;
+            }
+            if args.mitigations.contains(&Mitigation::InvalidDrop) {
+                traffic::drop_invalid(&cluster.node)?;
+            }
         }
     }
     // Filling happens before the baselines: what the fill itself does to the counters is
@@ -449,6 +466,31 @@ fn drive(
                 ),
                 attempts: r.attempts,
                 failed: r.failed,
+                report: serde_json::to_value(&r)?,
+            })
+        }
+        Scenario::Invalid => {
+            let (vip, backend) = (
+                std::net::SocketAddr::from((traffic::INVALID_VIP, traffic::INVALID_VIP_PORT)),
+                Cluster::server_addr(),
+            );
+            let srv = cluster.server.as_ref().context("no server")?;
+            let r = traffic::invalid_segment(
+                &cluster.pods[0].path(),
+                &srv.path(),
+                vip,
+                backend,
+                rounds,
+                UDP_TIMEOUT,
+            )?;
+            Ok(Outcome {
+                did: format!(
+                    "{rounds} TCP connections pod -> {vip} (DNAT to {backend}); the backend side then sends an \
+                     out-of-window segment; {} reached the pod untranslated, {} the pod answered with RST",
+                    r.forged_untranslated, r.rst_from_pod
+                ),
+                attempts: r.rounds,
+                failed: r.server_resets,
                 report: serde_json::to_value(&r)?,
             })
         }
