@@ -31,6 +31,7 @@ const TOOL_PACKAGES: &[&str] = &[
     "procps",
     "util-linux",
     "iputils-ping",
+    "musl-tools",
 ];
 
 pub(crate) const DEBIAN_RUSTC: &str = "/usr/bin/rustc";

@@ -58,6 +58,9 @@ pub enum DnsClient {
     Race,
     /// glibc's resolver (`getent ahosts`): A and AAAA with one sendmmsg.
     Glibc,
+    /// musl's resolver (a static getaddrinfo client built with musl-gcc): A and AAAA back
+    /// to back with sendto on one socket.
+    Musl,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
@@ -389,20 +392,30 @@ fn drive(
                         report: serde_json::to_value(&r)?,
                     })
                 }
-                DnsClient::Glibc => {
+                DnsClient::Glibc | DnsClient::Musl => {
+                    let (what, argv) = match args.client {
+                        DnsClient::Musl => (
+                            "musl",
+                            vec![
+                                musl_client()?.display().to_string(),
+                                topology::LAB_NAME.into(),
+                            ],
+                        ),
+                        _ => (
+                            "glibc (`getent ahosts`)",
+                            vec!["getent".into(), "ahosts".into(), topology::LAB_NAME.into()],
+                        ),
+                    };
                     let mut failed = 0;
                     for _ in 0..rounds {
-                        let out = cluster.pods[0].run_timeout(
-                            ["getent", "ahosts", topology::LAB_NAME],
-                            Duration::from_secs(12),
-                        );
+                        let out = cluster.pods[0].run_timeout(&argv, Duration::from_secs(12));
                         if !matches!(&out, Ok(o) if o.status.success()) {
                             failed += 1;
                         }
                     }
                     Ok(Outcome {
                         did: format!(
-                            "{rounds} lookups with glibc (`getent ahosts {}`) via {vip}",
+                            "{rounds} lookups of {} with {what} via {vip}",
                             topology::LAB_NAME
                         ),
                         attempts: u64::from(rounds),
@@ -495,6 +508,35 @@ fn drive(
             })
         }
     }
+}
+
+/// The musl client, built once per source version with `musl-gcc -static` (musl-tools).
+fn musl_client() -> anyhow::Result<PathBuf> {
+    const SOURCE: &str = include_str!("musl_lookup.c");
+    let hash = SOURCE.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+    });
+    let bin = std::env::temp_dir().join(format!("tracer-musl-lookup-{hash:016x}"));
+    if bin.is_file() {
+        return Ok(bin);
+    }
+    let src = bin.with_extension("c");
+    std::fs::write(&src, SOURCE)?;
+    let partial = bin.with_extension("partial");
+    let out = std::process::Command::new("musl-gcc")
+        .args(["-static", "-O2", "-o"])
+        .arg(&partial)
+        .arg(&src)
+        .output()
+        .context("running musl-gcc (Debian package musl-tools; `cargo xtask setup` installs it)")?;
+    let _ = std::fs::remove_file(&src);
+    anyhow::ensure!(
+        out.status.success(),
+        "musl-gcc failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::rename(&partial, &bin)?;
+    Ok(bin)
 }
 
 /// Fills the node's conntrack table to `nf_conntrack_max` with UDP entries (`conntrack -R`).
