@@ -11,9 +11,9 @@ use std::{
 };
 
 use crate::{
-    ctstats::{self, CpuStats},
+    ctstats::{self, CpuStats, TupleDir},
     events::NfDropEvent,
-    verdict::{Classifier, Finding},
+    verdict::{Classifier, Finding, Verdict},
 };
 
 /// Network namespace inode -> a path that opens it (`/run/netns/NAME`, `/proc/PID/ns/net`).
@@ -107,7 +107,54 @@ impl Explainer {
     pub fn drop_event(&mut self, ev: &NfDropEvent, location_sym: &str) -> Finding {
         // The counters move before the packet is freed, so a reading taken now covers it.
         let stats = self.read(ev.netns);
-        self.classifier.drop_event(ev, location_sym, stats.as_ref())
+        let mut f = self.classifier.drop_event(ev, location_sym, stats.as_ref());
+        if matches!(
+            f.verdict,
+            Verdict::SnatPortClash | Verdict::InsertClashDropped
+        ) {
+            self.name_the_winner(&mut f);
+        }
+        f
+    }
+
+    /// Looks up the entry the loser clashed with: the one holding its translated reply
+    /// tuple (SNAT port clash) or its original tuple (insert race). The kernel matches a
+    /// tuple against both directions of every entry; the loser itself was never inserted.
+    fn name_the_winner(&mut self, f: &mut Finding) {
+        let (Some(ct), Some(path)) = (f.conntrack.clone(), self.path_of(f.netns)) else {
+            return;
+        };
+        let (dir, key) = match f.verdict {
+            Verdict::SnatPortClash => (TupleDir::Reply, ct.reply),
+            _ => (TupleDir::Orig, ct.orig),
+        };
+        match ctstats::lookup_in(&path, dir, &key) {
+            Ok(Some(winner)) => {
+                if f.verdict == Verdict::SnatPortClash {
+                    f.explanation += &format!(
+                        "; the port is held by {} -> {}",
+                        winner.orig.src, winner.orig.dst
+                    );
+                } else {
+                    // The NAT target is where each entry's reply comes from.
+                    let differ = winner.reply.src != ct.reply.src;
+                    f.nat_targets_differ = Some(differ);
+                    f.explanation += &format!(
+                        "; the winner was NATed to {}, this packet to {}{}",
+                        winner.reply.src,
+                        ct.reply.src,
+                        if differ {
+                            " (different backends)"
+                        } else {
+                            " (same backend)"
+                        }
+                    );
+                }
+                f.lost_to = Some(winner);
+            }
+            Ok(None) => f.explanation += "; the entry it lost to is already gone",
+            Err(e) => log::debug!("looking up the clash winner in netns {}: {e}", f.netns),
+        }
     }
 
     /// Counter-only findings (resolved clashes, early drops, INVALID) of every namespace

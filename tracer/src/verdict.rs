@@ -89,6 +89,14 @@ pub struct Finding {
     /// For a resolved clash seen per packet: the loser was inserted reply-only (NAT_CLASH).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub nat_clash: Option<bool>,
+    /// The entry already in the table that the packet's entry clashed with (looked up over
+    /// ctnetlink right after the drop), when it was still there.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lost_to: Option<crate::ctstats::CtEntry>,
+    /// For a clash on the original tuple: whether the winner was NATed to another target
+    /// than the loser (e.g. two DNS backends behind one VIP).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nat_targets_differ: Option<bool>,
     pub explanation: String,
 }
 
@@ -172,6 +180,8 @@ impl Classifier {
             packet: ev.packet,
             conntrack: ev.conntrack.clone(),
             nat_clash: None,
+            lost_to: None,
+            nat_targets_differ: None,
             explanation: String::new(),
         };
         if is_rule_engine(location_sym) {
@@ -249,6 +259,8 @@ impl Classifier {
                     packet: None,
                     conntrack: None,
                     nat_clash: None,
+                    lost_to: None,
+                    nat_targets_differ: None,
                     explanation,
                 });
             }

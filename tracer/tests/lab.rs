@@ -84,6 +84,56 @@ fn verdict(report: &Value, name: &str) -> u64 {
         .sum()
 }
 
+/// `tracer lab ARGS --json` with the live stream: the findings, then the report.
+fn lab_stream(args: &[&str]) -> (Vec<Value>, Value) {
+    require_root();
+    let out = Command::new(TRACER)
+        .arg("lab")
+        .args(args)
+        .arg("--json")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "tracer lab {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let report = lines.last().cloned().expect("no report");
+    assert_eq!(report["type"], "lab_report");
+    assert_no_leftovers();
+    (
+        lines
+            .into_iter()
+            .filter(|l| l["type"] == "finding")
+            .collect(),
+        report,
+    )
+}
+
+#[test]
+fn snat_port_clash_findings_name_the_flow_that_holds_the_port() {
+    let (findings, r) = lab_stream(&["snat-race", "--rounds", "30"]);
+    let clashes: Vec<&Value> = findings
+        .iter()
+        .filter(|f| f["verdict"] == "snat-port-clash")
+        .collect();
+    assert_eq!(clashes.len() as u64, counter(&r, "insert_failed"));
+    assert!(!clashes.is_empty(), "no SNAT race in 30 rounds: {r:#}");
+    for f in clashes {
+        let ct = &f["conntrack"];
+        let winner = &f["lost_to"];
+        assert!(winner.is_object(), "winner not found: {f}");
+        // Same translated reply tuple, different pod behind it.
+        assert_eq!(winner["reply"], ct["reply"], "{f}");
+        assert_ne!(winner["orig"]["src"], ct["orig"]["src"], "{f}");
+        assert_eq!(winner["orig"]["dst"], ct["orig"]["dst"], "{f}");
+    }
+}
+
 #[test]
 fn snat_race_udp_every_lost_datagram_is_a_snat_port_clash() {
     let r = lab(&["snat-race", "--rounds", "60"]);
