@@ -60,6 +60,42 @@ fn assert_no_leftovers() {
         })
         .unwrap_or_default();
     assert!(etc.is_empty(), "/etc/netns entries left: {etc:?}");
+    // No process that ran in or for a lab namespace (dnsmasq, clients), no temp dir.
+    let procs: Vec<String> = std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+        .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+        .filter(|c| c.contains(&format!("{PREFIX}-")))
+        .collect();
+    assert!(procs.is_empty(), "lab processes left: {procs:?}");
+    let tmp: Vec<String> = std::fs::read_dir(std::env::temp_dir())
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(&format!("{PREFIX}-")))
+        .collect();
+    assert!(tmp.is_empty(), "lab temp dirs left: {tmp:?}");
+    // No tracer program still loaded once the lab has exited.
+    let out = Command::new("bpftool")
+        .args(["prog", "show", "--json"])
+        .output()
+        .expect("bpftool (cargo xtask setup installs it)");
+    let progs: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let ours = [
+        "dns_egress",
+        "dns_ingress",
+        "nf_kfree_skb",
+        "sendmmsg_enter",
+        "sendmmsg_exit",
+    ];
+    let left: Vec<&Value> = progs
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| ours.iter().any(|n| p["name"] == *n))
+        .collect();
+    assert!(left.is_empty(), "tracer programs still loaded: {left:#?}");
 }
 
 fn node(report: &Value) -> &Value {
