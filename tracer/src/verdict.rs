@@ -118,6 +118,9 @@ struct Books {
     last: CpuStats,
     /// The reading the counter-only verdicts were last taken from.
     polled: CpuStats,
+    /// Rule drops of packets without a conntrack entry (INVALID ones among them) since the
+    /// last poll.
+    rule_drops_untracked: u64,
     named_insert_failed: u64,
     named_table_full: u64,
 }
@@ -185,6 +188,9 @@ impl Classifier {
             explanation: String::new(),
         };
         if is_rule_engine(location_sym) {
+            if ev.conntrack.is_none() {
+                books.rule_drops_untracked += 1;
+            }
             f.verdict = Verdict::RulesetDrop;
             f.explanation =
                 format!("dropped by a ruleset verdict at {location_sym}, not by conntrack");
@@ -247,6 +253,10 @@ impl Classifier {
         let moved = stats.delta(&books.polled);
         books.polled = stats.clone();
         books.last = stats.clone();
+        // INVALID packets carry no entry; rule drops of untracked packets in the same
+        // interval are (at most) the INVALID ones a rule dropped.
+        let invalid_dropped = books.rule_drops_untracked.min(u64::from(moved.invalid));
+        books.rule_drops_untracked = 0;
         let mut out = Vec::new();
         let mut push = |verdict: Verdict, n: u32, explanation: String| {
             if n > 0 {
@@ -281,13 +291,15 @@ impl Classifier {
                 moved.early_drop
             ),
         );
+        let passed = u64::from(moved.invalid) - invalid_dropped;
         push(
             Verdict::Invalid,
             moved.invalid,
             format!(
-                "{} packet(s) marked INVALID by conntrack (invalid rose); unless a rule drops them they pass on, \
-                 and an out-of-window TCP segment is answered with RST",
-                moved.invalid
+                "{} packet(s) marked INVALID by conntrack (invalid rose): {} dropped by a rule, {} passed on \
+                 un-NATed (an out-of-window TCP segment then draws a RST from the peer: \
+                 nf_conntrack_tcp_be_liberal=1 or a `ct state invalid drop` rule prevents it)",
+                moved.invalid, invalid_dropped, passed
             ),
         );
         out
@@ -452,6 +464,24 @@ mod tests {
         let f = c.counters(7, 5, &with_invalid);
         assert_eq!(f.len(), 1);
         assert_eq!((f[0].verdict, f[0].count), (Verdict::Invalid, 2));
+    }
+
+    #[test]
+    fn invalid_findings_say_how_many_a_rule_dropped() {
+        let mut c = Classifier::new();
+        c.baseline(7, &CpuStats::default());
+        let s = CpuStats {
+            invalid: 3,
+            ..CpuStats::default()
+        };
+        let _ = c.drop_event(&drop_ev(None), "nft_do_chain+0x10", Some(&s));
+        let f = c.counters(7, 5, &s);
+        assert!(
+            f[0].explanation
+                .contains("1 dropped by a rule, 2 passed on"),
+            "{}",
+            f[0].explanation
+        );
     }
 
     #[test]
