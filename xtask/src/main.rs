@@ -8,6 +8,7 @@ mod lint;
 mod setup;
 mod test;
 mod util;
+mod vm;
 mod watch;
 
 use std::process::ExitCode;
@@ -60,6 +61,10 @@ enum Verb {
         #[arg(long, default_value_t = 12, value_parser = clap::value_parser!(u32).range(1..=100))]
         rounds: u32,
     },
+    /// Run `<command...>` as root in a QEMU guest on Debian's own kernel (fentry/fexit and
+    /// kprobes work there), with this machine's `/` shared read-only under a tmpfs overlay,
+    /// in the same directory; its stdout, stderr and exit status become this verb's.
+    VmTest(vm::Args),
 }
 
 fn parse_seconds(s: &str) -> Result<f64, String> {
@@ -84,6 +89,7 @@ fn main() -> ExitCode {
         Verb::Watch { args } => watch::run(&ws, &args),
         Verb::Demo { args } => watch::demo(&ws, &args),
         Verb::BenchFilter { seconds, rounds } => bench::run(&ws, &bench::Args { seconds, rounds }),
+        Verb::VmTest(args) => vm::run(&ws, &args),
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,
