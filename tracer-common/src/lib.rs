@@ -241,6 +241,9 @@ pub struct KernelOffsets {
     pub tuple_dst_protonum: u32,
     // struct task_struct / nsproxy
     pub task_nsproxy: u32,
+    pub task_pid: u32,
+    pub task_tgid: u32,
+    pub task_comm: u32,
     pub nsproxy_net_ns: u32,
     // struct sock / sock_common
     pub sk_net: u32,
@@ -267,7 +270,7 @@ pub struct KernelOffsets {
     pub drop_reason_netfilter: u32,
     pub _pad: u32,
 }
-const _: () = assert!(size_of::<KernelOffsets>() == 44 * 4);
+const _: () = assert!(size_of::<KernelOffsets>() == 47 * 4);
 
 impl KernelOffsets {
     pub const NONE: Self = Self {
@@ -294,6 +297,9 @@ impl KernelOffsets {
         tuple_dst_port: OFFSET_NONE,
         tuple_dst_protonum: OFFSET_NONE,
         task_nsproxy: OFFSET_NONE,
+        task_pid: OFFSET_NONE,
+        task_tgid: OFFSET_NONE,
+        task_comm: OFFSET_NONE,
         nsproxy_net_ns: OFFSET_NONE,
         sk_net: OFFSET_NONE,
         sk_cookie: OFFSET_NONE,

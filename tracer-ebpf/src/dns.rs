@@ -28,8 +28,9 @@ use tracer_common::{
 
 use crate::{
     kernel::{
-        clamp_len, copy_kernel, count_lost, current_netns, current_task_into, header, off,
-        parse_l3l4, port_wanted, read, read_ptr, skb_l4, sock_netns,
+        clamp_nonzero, copy_kernel, count_lost, current_netns, current_task_into,
+        current_task_read_into, header, off, parse_l3l4, port_wanted, read, read_ptr, skb_l4,
+        sock_netns,
     },
     EVENTS, IN_SENDMMSG, SOCK_OWNER,
 };
@@ -101,10 +102,9 @@ fn skb_parse(ctx: &SkBuffContext) -> Option<crate::kernel::L4> {
 /// Copies the UDP payload (at most `DNS_PAYLOAD_CAP` bytes) out of a cgroup_skb packet.
 #[inline(always)]
 fn skb_payload(ctx: &SkBuffContext, off: u32, dst: *mut [u8; DNS_PAYLOAD_CAP]) -> u32 {
-    let n = clamp_len::<DNS_PAYLOAD_CAP>(ctx.len().saturating_sub(off));
-    if n == 0 {
+    let Some(n) = clamp_nonzero::<DNS_PAYLOAD_CAP>(ctx.len().saturating_sub(off)) else {
         return 0;
-    }
+    };
     // SAFETY: `dst` holds DNS_PAYLOAD_CAP writable bytes and 0 < n <= DNS_PAYLOAD_CAP.
     let rc =
         unsafe { bpf_skb_load_bytes(ctx.skb.skb as *const c_void, off, dst as *mut c_void, n) };
@@ -145,7 +145,7 @@ fn try_dns_egress(ctx: &SkBuffContext) {
     emit(EventKind::DnsSend, SourceId::CgroupSkbEgress, |p| {
         // SAFETY: `p` is the exclusively owned record handed out by `emit`.
         unsafe {
-            current_task_into(addr_of_mut!((*p).task));
+            current_task_read_into(addr_of_mut!((*p).task));
             (*p).task.cgroup_id = cgroup_id;
             // A UDP send runs in the sender's context: its netns is the socket's unless the
             // task moved (setns) after creating the socket.
@@ -154,7 +154,9 @@ fn try_dns_egress(ctx: &SkBuffContext) {
             (*p).sock_cookie = cookie;
             (*p).payload_len = l4.payload_len;
             (*p).cap_len = skb_payload(ctx, l4.payload_off, addr_of_mut!((*p).payload));
-            let _ = SOCK_OWNER.insert(cookie, &(*p).task, 0);
+            // A stack copy: older verifiers refuse ring-buffer memory as a map value.
+            let owner: Task = (*p).task;
+            let _ = SOCK_OWNER.insert(cookie, &owner, 0);
         }
     });
 }
@@ -216,10 +218,9 @@ fn msg_payload(msg: *const u8, len: u32, dst: *mut [u8; DNS_PAYLOAD_CAP]) -> u32
     if base.is_null() {
         return 0;
     }
-    let n = clamp_len::<DNS_PAYLOAD_CAP>(len);
-    if n == 0 {
+    let Some(n) = clamp_nonzero::<DNS_PAYLOAD_CAP>(len) else {
         return 0;
-    }
+    };
     // SAFETY: `dst` holds DNS_PAYLOAD_CAP writable bytes and n <= DNS_PAYLOAD_CAP; the
     // helper validates the user address.
     let rc = unsafe {
@@ -282,6 +283,16 @@ fn send_tuple(sk: *const u8, msg: *const u8, v6: bool) -> Tuple {
     t
 }
 
+/// The socket cookie of argument 0 (`struct sock *`), assigning one if the socket has none
+/// yet, as `SO_COOKIE` and the cgroup programs do. The pointer must reach the helper
+/// straight from the context, as the verifier's trusted BTF pointer.
+#[inline(always)]
+fn sock_cookie(ctx: &FEntryContext) -> u64 {
+    let sk: *mut c_void = ctx.arg(0);
+    // SAFETY: `sk` is the traced function's `struct sock *` argument.
+    unsafe { bpf_get_socket_cookie(sk) }
+}
+
 #[inline(always)]
 fn try_fentry_send(ctx: &FEntryContext, v6: bool, source: SourceId) {
     let sk: *const u8 = ctx.arg(0);
@@ -298,7 +309,7 @@ fn try_fentry_send(ctx: &FEntryContext, v6: bool, source: SourceId) {
             (*p).task.cgroup_id = bpf_get_current_cgroup_id();
             (*p).task.netns = sock_netns(sk);
             (*p).tuple = tuple;
-            (*p).sock_cookie = read(sk, off!(sk_cookie)).unwrap_or(0);
+            (*p).sock_cookie = sock_cookie(ctx);
             (*p).payload_len = len as u32;
             (*p).cap_len = msg_payload(msg, len as u32, addr_of_mut!((*p).payload));
         }
@@ -341,7 +352,7 @@ fn try_consume(ctx: &FEntryContext) {
             (*p).task.cgroup_id = bpf_get_current_cgroup_id();
             (*p).task.netns = sock_netns(sk);
             (*p).tuple = l4.tuple;
-            (*p).sock_cookie = read(sk, off!(sk_cookie)).unwrap_or(0);
+            (*p).sock_cookie = sock_cookie(ctx);
             (*p).payload_len = l4.payload_len;
             (*p).cap_len = copy_kernel(addr_of_mut!((*p).payload), src, l4.payload_len);
         }

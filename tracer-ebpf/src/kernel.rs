@@ -75,13 +75,23 @@ pub fn clamp_len<const N: usize>(len: u32) -> u32 {
     }
 }
 
+/// `min(len, N)` for a non-zero `len`, as a value the verifier knows is in `1..=N` (some
+/// verifiers, e.g. 6.1's, lose a separate `!= 0` check): the mask bounds `len - 1` to
+/// `0..N`, and one is added after. `None` for 0. `N` must be a power of two.
+#[inline(always)]
+pub fn clamp_nonzero<const N: usize>(len: u32) -> Option<u32> {
+    if len == 0 {
+        return None;
+    }
+    Some(clamp_len::<N>(len - 1).min(N as u32 - 1) + 1)
+}
+
 /// Copies up to `N` bytes from kernel memory into `dst`; returns the bytes copied.
 #[inline(always)]
 pub fn copy_kernel<const N: usize>(dst: *mut [u8; N], src: *const u8, len: u32) -> u32 {
-    let n = clamp_len::<N>(len);
-    if n == 0 {
+    let Some(n) = clamp_nonzero::<N>(len) else {
         return 0;
-    }
+    };
     // SAFETY: `dst` points at N writable bytes of a ring-buffer reservation and n <= N;
     // the helper validates `src`.
     let rc = unsafe { raw_probe_read_kernel(dst as *mut c_void, n, src as *const c_void) };
@@ -162,6 +172,22 @@ pub fn current_task_into(dst: *mut Task) {
         if raw_get_current_comm(core::ptr::addr_of_mut!((*dst).comm) as *mut c_void, 16) != 0 {
             (*dst).comm = [0; 16];
         }
+    }
+}
+
+/// Fills pid, tid and comm of the current task in place by reading `task_struct` (for
+/// program types that may not call `bpf_get_current_pid_tgid`/`_comm`, e.g. cgroup_skb
+/// before Linux 6.x): `bpf_get_current_task` is in the base helper set for CAP_PERFMON.
+#[inline(always)]
+pub fn current_task_read_into(dst: *mut Task) {
+    // SAFETY: no preconditions.
+    let task = unsafe { aya_ebpf::helpers::bpf_get_current_task() } as *const u8;
+    // SAFETY: `dst` points at a `Task` inside an exclusively owned ring-buffer record.
+    unsafe {
+        (*dst).pid = read::<u32>(task, off!(task_tgid)).unwrap_or(0);
+        (*dst).tid = read::<u32>(task, off!(task_pid)).unwrap_or(0);
+        (*dst)._pad = 0;
+        read_into(core::ptr::addr_of_mut!((*dst).comm), task, off!(task_comm));
     }
 }
 

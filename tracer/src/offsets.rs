@@ -111,6 +111,9 @@ static TABLE: &[FieldSpec] = &[
     ),
     // struct task_struct / nsproxy
     member!(task_nsproxy, Word, ["task_struct.nsproxy"]),
+    member!(task_pid, Bytes(4), ["task_struct.pid"]),
+    member!(task_tgid, Bytes(4), ["task_struct.tgid"]),
+    member!(task_comm, Bytes(16), ["task_struct.comm"]),
     member!(nsproxy_net_ns, Word, ["nsproxy.net_ns"]),
     // struct sock / sock_common
     member!(sk_net, Word, ["sock.__sk_common.skc_net.net"]),

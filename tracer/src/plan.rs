@@ -121,7 +121,7 @@ pub const SIGNALS: &[Signal] = &[
             Source {
                 name: "cgroup_skb egress (cgroup v2 root)",
                 programs: &[
-                    Prog { name: "dns_egress", attach: Attach::CgroupSkb(CgroupDir::Egress), needs: &["task_nsproxy", "nsproxy_net_ns", "sk_net", "net_inum"] },
+                    Prog { name: "dns_egress", attach: Attach::CgroupSkb(CgroupDir::Egress), needs: &["task_nsproxy", "nsproxy_net_ns", "net_inum", "task_pid", "task_tgid", "task_comm"] },
                     SENDMMSG[0],
                     SENDMMSG[1],
                 ],
