@@ -28,6 +28,59 @@ pub enum Command {
     /// Reproduce a conntrack failure mode in throwaway network namespaces, with the tracer
     /// watching, and check its verdicts against the kernel's counters.
     Lab(LabCmd),
+    /// Audit the node: what makes the conntrack races likely here, with evidence and the fix.
+    /// Exits 1 when something needs attention.
+    Doctor(DoctorCmd),
+}
+
+#[derive(Debug, Args)]
+pub struct DoctorCmd {
+    /// Where the node's filesystem is (a container sees the node at e.g. /host).
+    #[arg(long, default_value = "/")]
+    pub root: PathBuf,
+    /// Network namespace whose rules and sysctls to audit (/run/netns/NAME, /proc/PID/ns/net);
+    /// default: this process's.
+    #[arg(long)]
+    pub netns: Option<PathBuf>,
+    /// Audit the DNS set-up of these processes (repeatable); default: every process in
+    /// another network namespace than the host's.
+    #[arg(long = "pid")]
+    pub pids: Vec<u32>,
+    /// Skip the per-pod DNS check.
+    #[arg(long, conflicts_with = "pids")]
+    pub no_pods: bool,
+    /// Seconds between the two samples of the conntrack entry count (0: one sample).
+    #[arg(long, default_value_t = 1.0, value_parser = parse_sample)]
+    pub sample: f64,
+    /// JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn parse_sample(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if (0.0..=60.0).contains(&v) => Ok(v),
+        _ => Err(format!("'{s}': expected seconds from 0 to 60")),
+    }
+}
+
+impl DoctorCmd {
+    pub fn options(&self) -> crate::doctor::DoctorOptions {
+        use crate::doctor::PodSelection;
+        crate::doctor::DoctorOptions {
+            root: self.root.clone(),
+            netns: self.netns.clone(),
+            pods: if self.no_pods {
+                PodSelection::None
+            } else if self.pids.is_empty() {
+                PodSelection::Auto
+            } else {
+                PodSelection::Pids(self.pids.clone())
+            },
+            sample_interval: Duration::from_secs_f64(self.sample),
+            snapshot: None,
+        }
+    }
 }
 
 #[derive(Debug, Args)]

@@ -90,3 +90,16 @@ pub fn lab(cmd: &cli::LabCmd) -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// `tracer doctor`: the node audit. `Ok(true)` when something needs attention.
+pub fn doctor(cmd: &cli::DoctorCmd) -> anyhow::Result<bool> {
+    let report = crate::doctor::run(&cmd.options())?;
+    let mut out = std::io::stdout().lock();
+    if cmd.json {
+        serde_json::to_writer_pretty(&mut out, &report)?;
+        writeln!(out)?;
+    } else {
+        write!(out, "{}", report.render_text())?;
+    }
+    Ok(report.exit_code() != 0)
+}

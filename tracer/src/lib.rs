@@ -6,6 +6,7 @@ pub mod cli;
 pub mod commands;
 pub mod ctstats;
 pub mod dns;
+pub mod doctor;
 pub mod events;
 pub mod explain;
 pub mod hex;

@@ -15,6 +15,11 @@ fn main() -> ExitCode {
         Command::Probes(cmd) => tracer::commands::probes(&cmd),
         Command::Offsets(opts) => tracer::commands::offsets(&opts),
         Command::Lab(cmd) => tracer::commands::lab(&cmd),
+        Command::Doctor(cmd) => match tracer::commands::doctor(&cmd) {
+            // Findings that need attention: status 1, like a linter.
+            Ok(true) => return ExitCode::from(1),
+            other => other.map(drop),
+        },
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
