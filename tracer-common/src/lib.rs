@@ -52,6 +52,8 @@ pub enum SourceId {
     FexitNfConntrackConfirm = 6,
     FexitNfCtResolveClash = 7,
     TpBtfKfreeSkb = 8,
+    KretprobeNfConntrackConfirm = 9,
+    KretprobeNfCtResolveClash = 10,
 }
 
 impl SourceId {
@@ -65,6 +67,8 @@ impl SourceId {
             6 => Some(Self::FexitNfConntrackConfirm),
             7 => Some(Self::FexitNfCtResolveClash),
             8 => Some(Self::TpBtfKfreeSkb),
+            9 => Some(Self::KretprobeNfConntrackConfirm),
+            10 => Some(Self::KretprobeNfCtResolveClash),
             _ => None,
         }
     }

@@ -9,8 +9,9 @@
 use core::ptr::{addr_of_mut, null};
 
 use aya_ebpf::{
-    macros::{btf_tracepoint, fexit},
-    programs::{BtfTracePointContext, FExitContext},
+    macros::{btf_tracepoint, fexit, kprobe, kretprobe, map},
+    maps::PerCpuArray,
+    programs::{BtfTracePointContext, FExitContext, ProbeContext, RetProbeContext},
 };
 use aya_log_ebpf::warn;
 use tracer_common::{
@@ -187,6 +188,90 @@ pub fn nf_resolve_clash_exit(ctx: FExitContext) -> i32 {
         EventKind::CtClash,
         SourceId::FexitNfCtResolveClash,
         skb,
+        0,
+        0,
+        ret,
+        winner,
+    );
+    0
+}
+
+// kprobe/kretprobe pairs for kernels that refuse trampolines on these functions, or where
+// they live in the nf_conntrack module (fexit needs the module's BTF there). A kretprobe has
+// no arguments: the entry probe leaves them per CPU (the packet path runs the function to
+// completion on one CPU; a softirq nesting into the same function on that CPU between entry
+// and return would overwrite them, which is why fexit is preferred).
+
+/// Per CPU: `[skb, h]` of `__nf_conntrack_confirm` (slot 0) and `nf_ct_resolve_clash` (slot 1).
+#[map]
+static NF_ARGS: PerCpuArray<[u64; 2]> = PerCpuArray::with_max_entries(2, 0);
+
+#[inline(always)]
+fn stash(slot: u32, a: u64, b: u64) {
+    if let Some(p) = NF_ARGS.get_ptr_mut(slot) {
+        // SAFETY: per-CPU slot owned by this CPU while the program runs.
+        unsafe { *p = [a, b] };
+    }
+}
+
+#[inline(always)]
+fn take(slot: u32) -> [u64; 2] {
+    match NF_ARGS.get_ptr_mut(slot) {
+        // SAFETY: as above; the slot is cleared so a stale value is never reused.
+        Some(p) => unsafe { core::mem::replace(&mut *p, [0, 0]) },
+        None => [0, 0],
+    }
+}
+
+#[kprobe]
+pub fn nf_confirm_entry(ctx: ProbeContext) -> u32 {
+    stash(0, ctx.arg::<u64>(0).unwrap_or(0), 0);
+    0
+}
+
+#[kretprobe]
+pub fn nf_confirm_ret(ctx: RetProbeContext) -> u32 {
+    let ret: i32 = ctx.ret();
+    let [skb, _] = take(0);
+    if ret == NF_DROP && skb != 0 {
+        let _ = emit(
+            EventKind::NfDrop,
+            SourceId::KretprobeNfConntrackConfirm,
+            skb as *const u8,
+            0,
+            0,
+            ret,
+            null(),
+        );
+    }
+    0
+}
+
+#[kprobe]
+pub fn nf_clash_entry(ctx: ProbeContext) -> u32 {
+    stash(
+        1,
+        ctx.arg::<u64>(0).unwrap_or(0),
+        ctx.arg::<u64>(1).unwrap_or(0),
+    );
+    0
+}
+
+#[kretprobe]
+pub fn nf_clash_ret(ctx: RetProbeContext) -> u32 {
+    let ret: i32 = ctx.ret();
+    let [skb, h] = take(1);
+    if skb == 0 {
+        return 0;
+    }
+    let winner = match need(off!(tuplehash_tuple)) {
+        Ok(o) if h != 0 => (h as *const u8).wrapping_add(o),
+        _ => null(),
+    };
+    let _ = emit(
+        EventKind::CtClash,
+        SourceId::KretprobeNfCtResolveClash,
+        skb as *const u8,
         0,
         0,
         ret,

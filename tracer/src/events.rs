@@ -83,6 +83,8 @@ pub fn source_name(id: SourceId) -> &'static str {
         SourceId::FexitNfConntrackConfirm => "fexit/__nf_conntrack_confirm",
         SourceId::FexitNfCtResolveClash => "fexit/nf_ct_resolve_clash",
         SourceId::TpBtfKfreeSkb => "tp_btf/kfree_skb",
+        SourceId::KretprobeNfConntrackConfirm => "kretprobe/__nf_conntrack_confirm",
+        SourceId::KretprobeNfCtResolveClash => "kretprobe/nf_ct_resolve_clash",
     }
 }
 
@@ -429,7 +431,7 @@ mod tests {
 
         /// Valid headers with arbitrary bodies and lengths: typed result, no panic.
         #[test]
-        fn decode_truncated_valid_records(kind in 1u32..=4, source in 1u16..=9, len in 0usize..700, fill in any::<u8>()) {
+        fn decode_truncated_valid_records(kind in 1u32..=4, source in 1u16..=11, len in 0usize..700, fill in any::<u8>()) {
             let mut bytes = vec![fill; len.max(16)];
             bytes[..4].copy_from_slice(&kind.to_ne_bytes());
             bytes[4..6].copy_from_slice(&source.to_ne_bytes());

@@ -103,18 +103,26 @@ impl Explainer {
         }
     }
 
-    /// The finding for one netfilter drop.
-    pub fn drop_event(&mut self, ev: &NfDropEvent, location_sym: &str) -> Finding {
+    /// The finding for one netfilter drop; `None` when a precise source already reported
+    /// the same packet.
+    pub fn drop_event(&mut self, ev: &NfDropEvent, location_sym: &str) -> Option<Finding> {
         // The counters move before the packet is freed, so a reading taken now covers it.
         let stats = self.read(ev.netns);
-        let mut f = self.classifier.drop_event(ev, location_sym, stats.as_ref());
+        let mut f = self
+            .classifier
+            .drop_event(ev, location_sym, stats.as_ref())?;
         if matches!(
             f.verdict,
             Verdict::SnatPortClash | Verdict::InsertClashDropped
         ) {
             self.name_the_winner(&mut f);
         }
-        f
+        Some(f)
+    }
+
+    /// The finding for a clash a precise source saw (`nf_ct_resolve_clash`).
+    pub fn clash_event(&mut self, ev: &NfDropEvent) -> Option<Finding> {
+        self.classifier.clash_event(ev)
     }
 
     /// Looks up the entry the loser clashed with: the one holding its translated reply

@@ -7,7 +7,7 @@ use std::{collections::BTreeMap, fs::File, io, os::fd::AsFd as _};
 
 use aya::{
     programs::{
-        BtfTracePoint, CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, FEntry, FExit,
+        BtfTracePoint, CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, FEntry, FExit, KProbe,
         ProgramError, TracePoint,
     },
     Btf, Ebpf,
@@ -23,6 +23,8 @@ pub enum Attach {
     FEntry(&'static str),
     FExit(&'static str),
     BtfTracePoint(&'static str),
+    KProbe(&'static str),
+    KRetProbe(&'static str),
     CgroupSkb(CgroupDir),
     TracePoint(&'static str, &'static str),
 }
@@ -39,6 +41,8 @@ impl Attach {
             Attach::FEntry(f) => format!("fentry/{f}"),
             Attach::FExit(f) => format!("fexit/{f}"),
             Attach::BtfTracePoint(t) => format!("tp_btf/{t}"),
+            Attach::KProbe(f) => format!("kprobe/{f}"),
+            Attach::KRetProbe(f) => format!("kretprobe/{f}"),
             Attach::CgroupSkb(CgroupDir::Egress) => "cgroup_skb/egress".into(),
             Attach::CgroupSkb(CgroupDir::Ingress) => "cgroup_skb/ingress".into(),
             Attach::TracePoint(c, n) => format!("tracepoint/{c}/{n}"),
@@ -160,6 +164,19 @@ pub const SIGNALS: &[Signal] = &[
                     Prog { name: "nf_kfree_skb", attach: Attach::BtfTracePoint("kfree_skb"), needs: &["drop_reason_netfilter", "skb_nfct", "skb_head", "skb_network_header", "ct_net", "net_inum"] },
                 ],
                 loses: "",
+            },
+            Source {
+                name: "kprobes __nf_conntrack_confirm + nf_ct_resolve_clash, tp_btf kfree_skb",
+                programs: &[
+                    Prog { name: "nf_confirm_entry", attach: Attach::KProbe("__nf_conntrack_confirm"), needs: &[] },
+                    Prog { name: "nf_confirm_ret", attach: Attach::KRetProbe("__nf_conntrack_confirm"), needs: &["skb_nfct", "ct_status", "ct_tuple_orig", "ct_tuple_reply"] },
+                    Prog { name: "nf_clash_entry", attach: Attach::KProbe("nf_ct_resolve_clash"), needs: &[] },
+                    Prog { name: "nf_clash_ret", attach: Attach::KRetProbe("nf_ct_resolve_clash"), needs: &["skb_nfct", "ct_status", "ct_tuple_orig", "tuplehash_tuple"] },
+                    Prog { name: "nf_kfree_skb", attach: Attach::BtfTracePoint("kfree_skb"), needs: &["drop_reason_netfilter", "skb_nfct", "skb_head", "skb_network_header", "ct_net", "net_inum"] },
+                ],
+                loses: "kprobes cost more per call than fexit, and the arguments travel from entry to \
+                        return per CPU (a softirq nesting into the same function between the two \
+                        would mix them up)",
             },
             Source {
                 name: "tp_btf kfree_skb (reason NETFILTER_DROP)",
@@ -381,6 +398,9 @@ fn unload(ebpf: &mut Ebpf, prog: &Prog) {
             <&mut BtfTracePoint>::try_from(program).and_then(|p| p.unload())
         }
         Attach::TracePoint(..) => <&mut TracePoint>::try_from(program).and_then(|p| p.unload()),
+        Attach::KProbe(_) | Attach::KRetProbe(_) => {
+            <&mut KProbe>::try_from(program).and_then(|p| p.unload())
+        }
         Attach::CgroupSkb(_) => <&mut CgroupSkb>::try_from(program).and_then(|p| p.unload()),
     };
     if let Err(e) = r {
@@ -390,13 +410,19 @@ fn unload(ebpf: &mut Ebpf, prog: &Prog) {
 
 fn refused(prog: &Prog, stage: &'static str, err: &(dyn std::error::Error + 'static)) -> Outcome {
     let errno = errno_of(err);
+    let no_kprobes = matches!(prog.attach, Attach::KProbe(_) | Attach::KRetProbe(_))
+        && !std::path::Path::new("/sys/bus/event_source/devices/kprobe").exists();
     Outcome::Refused(Box::new(Refusal {
         program: prog.name.to_string(),
         attach: prog.attach.describe(),
         stage,
         errno,
         errno_name: errno.and_then(errno_name),
-        meaning: errno.map(meaning).unwrap_or_else(|| "see detail".into()),
+        meaning: if no_kprobes {
+            "this kernel has no kprobes (CONFIG_KPROBES=n: no kprobe event source in sysfs)".into()
+        } else {
+            errno.map(meaning).unwrap_or_else(|| "see detail".into())
+        },
         detail: error_chain(err),
     }))
 }
@@ -472,6 +498,12 @@ fn load_and_attach(
             |p: &mut TracePoint| p.load(),
             |p: &mut TracePoint| p.attach(c, n).map(drop)
         ),
+        // The program's section (kprobe or kretprobe) decides which it is.
+        Attach::KProbe(f) | Attach::KRetProbe(f) => {
+            la!(KProbe, |p: &mut KProbe| p.load(), |p: &mut KProbe| p
+                .attach(f, 0)
+                .map(drop))
+        }
         Attach::CgroupSkb(dir) => {
             // With bpf_link (5.7+) cgroup programs always coexist with others; the
             // "multi" flag is only for the legacy attach and makes link_create fail.

@@ -100,6 +100,24 @@ pub struct Finding {
     pub explanation: String,
 }
 
+/// Sources that see an insert failure where it happens (`__nf_conntrack_confirm` returned
+/// NF_DROP).
+pub const PRECISE_CONFIRM_SOURCES: [&str; 2] = [
+    "fexit/__nf_conntrack_confirm",
+    "kretprobe/__nf_conntrack_confirm",
+];
+
+/// Removes `t` from `v`; whether it was there.
+fn take(v: &mut Vec<FiveTuple>, t: &FiveTuple) -> bool {
+    match v.iter().position(|x| x == t) {
+        Some(i) => {
+            v.remove(i);
+            true
+        }
+        None => false,
+    }
+}
+
 /// Where a drop happened, from the symbolized location.
 pub fn is_rule_engine(location_sym: &str) -> bool {
     let func = location_sym.split('+').next().unwrap_or("");
@@ -121,6 +139,11 @@ struct Books {
     /// Rule drops of packets without a conntrack entry (INVALID ones among them) since the
     /// last poll.
     rule_drops_untracked: u64,
+    /// Resolved clashes seen per packet (precise sources) since the last poll.
+    clashes_named_since_poll: u64,
+    /// Original tuples of insert failures reported by a precise source, awaiting the
+    /// `kfree_skb` event of the same packet (which is then not reported twice).
+    precise_drops: Vec<FiveTuple>,
     named_insert_failed: u64,
     named_table_full: u64,
 }
@@ -166,7 +189,7 @@ impl Classifier {
         ev: &NfDropEvent,
         location_sym: &str,
         stats: Option<&CpuStats>,
-    ) -> Finding {
+    ) -> Option<Finding> {
         // A netns without a baseline was created after the tracer took its baselines
         // (`baseline` for every netns at start), so its counters started at zero.
         let books = self.books.entry(ev.netns).or_default();
@@ -187,18 +210,33 @@ impl Classifier {
             nat_targets_differ: None,
             explanation: String::new(),
         };
-        if is_rule_engine(location_sym) {
+        let precise = PRECISE_CONFIRM_SOURCES.contains(&ev.source);
+        if precise {
+            if let Some(ct) = &ev.conntrack {
+                if books.precise_drops.len() >= 256 {
+                    books.precise_drops.remove(0);
+                }
+                books.precise_drops.push(ct.orig);
+            }
+        }
+        if is_rule_engine(location_sym) && !precise {
             if ev.conntrack.is_none() {
                 books.rule_drops_untracked += 1;
             }
             f.verdict = Verdict::RulesetDrop;
             f.explanation =
                 format!("dropped by a ruleset verdict at {location_sym}, not by conntrack");
-            return f;
+            return Some(f);
         }
         match &ev.conntrack {
+            // The same packet's insert failure was already reported by a precise source.
+            Some(ct) if !ct.confirmed && !precise && take(&mut books.precise_drops, &ct.orig) => {
+                return None;
+            }
             Some(ct) if !ct.confirmed => {
-                if (d.insert_failed as u64) > books.named_insert_failed {
+                // A precise source saw the insert fail where it happened; the fallback needs
+                // the counter to have moved.
+                if precise || (d.insert_failed as u64) > books.named_insert_failed {
                     books.named_insert_failed += 1;
                     let snat = ct.status & IPS_SRC_NAT != 0 && ct.status & IPS_DST_NAT == 0;
                     if snat {
@@ -241,7 +279,43 @@ impl Classifier {
                 }
             }
         }
-        f
+        Some(f)
+    }
+
+    /// A clash seen per packet by a precise source (`nf_ct_resolve_clash` returned): resolved
+    /// (`NF_ACCEPT`) is a finding of its own; unresolved is reported by the insert failure
+    /// that follows it.
+    pub fn clash_event(&mut self, ev: &NfDropEvent) -> Option<Finding> {
+        const NF_ACCEPT: i32 = 1;
+        if ev.verdict != NF_ACCEPT {
+            return None;
+        }
+        let books = self.books.entry(ev.netns).or_default();
+        books.clashes_named_since_poll += 1;
+        let nat_clash = ev.conntrack.as_ref().map(Self::nat_clash);
+        let how = match nat_clash {
+            Some(true) => "the loser was inserted reply-only (IPS_NAT_CLASH, 1 s timeout)",
+            Some(false) => "the loser was merged into the winner's entry",
+            None => "",
+        };
+        let winner = ev
+            .clash_winner
+            .as_ref()
+            .map(|w| format!(" with {} -> {}", w.src, w.dst))
+            .unwrap_or_default();
+        Some(Finding {
+            verdict: Verdict::InsertClashResolved,
+            netns: ev.netns,
+            ts_ns: ev.ts_ns,
+            count: 1,
+            source: ev.source,
+            packet: ev.packet,
+            conntrack: ev.conntrack.clone(),
+            nat_clash,
+            lost_to: None,
+            nat_targets_differ: None,
+            explanation: format!("insert race{winner} resolved by the kernel: {how}; nothing lost"),
+        })
     }
 
     /// A new counter reading for `netns`: findings for what moved without dropping a packet
@@ -257,6 +331,10 @@ impl Classifier {
         // interval are (at most) the INVALID ones a rule dropped.
         let invalid_dropped = books.rule_drops_untracked.min(u64::from(moved.invalid));
         books.rule_drops_untracked = 0;
+        // Resolved clashes a precise source already named one by one.
+        let resolved_unnamed =
+            u64::from(moved.clash_resolve).saturating_sub(books.clashes_named_since_poll);
+        books.clashes_named_since_poll = 0;
         let mut out = Vec::new();
         let mut push = |verdict: Verdict, n: u32, explanation: String| {
             if n > 0 {
@@ -277,10 +355,9 @@ impl Classifier {
         };
         push(
             Verdict::InsertClashResolved,
-            moved.clash_resolve,
+            resolved_unnamed as u32,
             format!(
-                "{} insert race(s) resolved by the kernel (clash_resolve rose); nothing lost",
-                moved.clash_resolve
+                "{resolved_unnamed} insert race(s) resolved by the kernel (clash_resolve rose); nothing lost"
             ),
         );
         push(
@@ -354,6 +431,57 @@ mod tests {
         }
     }
 
+    fn dropf(c: &mut Classifier, ev: &NfDropEvent, sym: &str, s: Option<&CpuStats>) -> Finding {
+        c.drop_event(ev, sym, s).expect("a finding")
+    }
+
+    #[test]
+    fn precise_insert_failures_are_reported_once() {
+        let mut c = Classifier::new();
+        c.baseline(7, &stats(0, 0));
+        let mut precise = drop_ev(Some(ct(IPS_SRC_NAT, false)));
+        precise.source = "kretprobe/__nf_conntrack_confirm";
+        let f = dropf(&mut c, &precise, "0x0", Some(&stats(1, 1)));
+        assert_eq!(f.verdict, Verdict::SnatPortClash);
+        // The kfree_skb event of the same packet adds nothing.
+        assert!(c
+            .drop_event(
+                &drop_ev(Some(ct(IPS_SRC_NAT, false))),
+                "nf_hook_slow+0x7d",
+                Some(&stats(1, 1))
+            )
+            .is_none());
+    }
+
+    #[test]
+    fn resolved_clashes_seen_per_packet_are_not_counted_again_by_the_poll() {
+        let mut c = Classifier::new();
+        c.baseline(7, &CpuStats::default());
+        let mut ev = drop_ev(Some(ct(IPS_DST_NAT | IPS_NAT_CLASH, false)));
+        ev.source = "kretprobe/nf_ct_resolve_clash";
+        ev.verdict = 1;
+        let f = c.clash_event(&ev).unwrap();
+        assert_eq!(
+            (f.verdict, f.nat_clash),
+            (Verdict::InsertClashResolved, Some(true))
+        );
+        ev.verdict = 0;
+        assert!(
+            c.clash_event(&ev).is_none(),
+            "unresolved: the insert failure reports it"
+        );
+        let polled = c.counters(
+            7,
+            9,
+            &CpuStats {
+                clash_resolve: 3,
+                ..CpuStats::default()
+            },
+        );
+        assert_eq!(polled.len(), 1);
+        assert_eq!(polled[0].count, 2, "3 resolved, 1 already named");
+    }
+
     fn stats(insert_failed: u32, drop: u32) -> CpuStats {
         CpuStats {
             insert_failed,
@@ -366,14 +494,16 @@ mod tests {
     fn rule_drops_are_never_conntrack_verdicts() {
         let mut c = Classifier::new();
         c.baseline(7, &stats(0, 0));
-        let f = c.drop_event(
+        let f = dropf(
+            &mut c,
             &drop_ev(Some(ct(0, false))),
             "nft_do_chain+0x3e8",
             Some(&stats(1, 1)),
         );
         assert_eq!(f.verdict, Verdict::RulesetDrop);
         // The counter that moved is still available for a real insert failure.
-        let f = c.drop_event(
+        let f = dropf(
+            &mut c,
             &drop_ev(Some(ct(IPS_SRC_NAT, false))),
             "nf_hook_slow+0x7d",
             Some(&stats(1, 1)),
@@ -387,19 +517,16 @@ mod tests {
         c.baseline(7, &stats(0, 0));
         let ev = drop_ev(Some(ct(IPS_DST_NAT, false)));
         assert_eq!(
-            c.drop_event(&ev, "nf_hook_slow+0x7d", Some(&stats(1, 1)))
-                .verdict,
+            dropf(&mut c, &ev, "nf_hook_slow+0x7d", Some(&stats(1, 1))).verdict,
             Verdict::InsertClashDropped
         );
         // A second drop while insert_failed still says 1: not an insert failure.
         assert_eq!(
-            c.drop_event(&ev, "nf_hook_slow+0x7d", Some(&stats(1, 1)))
-                .verdict,
+            dropf(&mut c, &ev, "nf_hook_slow+0x7d", Some(&stats(1, 1))).verdict,
             Verdict::Unexplained
         );
         assert_eq!(
-            c.drop_event(&ev, "nf_hook_slow+0x7d", Some(&stats(2, 2)))
-                .verdict,
+            dropf(&mut c, &ev, "nf_hook_slow+0x7d", Some(&stats(2, 2))).verdict,
             Verdict::InsertClashDropped
         );
     }
@@ -410,13 +537,11 @@ mod tests {
         c.baseline(7, &stats(0, 0));
         let ev = drop_ev(None);
         assert_eq!(
-            c.drop_event(&ev, "nf_hook_slow+0x7d", Some(&stats(1, 1)))
-                .verdict,
+            dropf(&mut c, &ev, "nf_hook_slow+0x7d", Some(&stats(1, 1))).verdict,
             Verdict::Unexplained
         );
         assert_eq!(
-            c.drop_event(&ev, "nf_hook_slow+0x7d", Some(&stats(1, 2)))
-                .verdict,
+            dropf(&mut c, &ev, "nf_hook_slow+0x7d", Some(&stats(1, 2))).verdict,
             Verdict::TableFull
         );
     }
@@ -424,7 +549,8 @@ mod tests {
     #[test]
     fn a_netns_born_after_the_baselines_counts_from_zero() {
         let mut c = Classifier::new();
-        let f = c.drop_event(
+        let f = dropf(
+            &mut c,
             &drop_ev(Some(ct(IPS_SRC_NAT, false))),
             "nf_hook_slow+0x7d",
             Some(&stats(1, 1)),
@@ -459,7 +585,12 @@ mod tests {
             invalid: 2,
             ..CpuStats::default()
         };
-        let f = c.drop_event(&drop_ev(None), "nft_do_chain+0x10", Some(&with_invalid));
+        let f = dropf(
+            &mut c,
+            &drop_ev(None),
+            "nft_do_chain+0x10",
+            Some(&with_invalid),
+        );
         assert_eq!(f.verdict, Verdict::RulesetDrop);
         let f = c.counters(7, 5, &with_invalid);
         assert_eq!(f.len(), 1);
@@ -474,7 +605,7 @@ mod tests {
             invalid: 3,
             ..CpuStats::default()
         };
-        let _ = c.drop_event(&drop_ev(None), "nft_do_chain+0x10", Some(&s));
+        let _ = dropf(&mut c, &drop_ev(None), "nft_do_chain+0x10", Some(&s));
         let f = c.counters(7, 5, &s);
         assert!(
             f[0].explanation

@@ -229,9 +229,15 @@ fn drain<W: Write>(
             Ok(ev) => {
                 *counts.by_kind.entry(kind_name(&ev)).or_default() += 1;
                 let printed = printer.event(&ev);
-                if let (Ok(()), Event::NfDrop(d)) = (&printed, &ev) {
-                    let sym = printer.symbolize(d.location);
-                    let f = explainer.drop_event(d, &sym);
+                let finding = match (&printed, &ev) {
+                    (Ok(()), Event::NfDrop(d)) => {
+                        let sym = printer.symbolize(d.location);
+                        explainer.drop_event(d, &sym)
+                    }
+                    (Ok(()), Event::CtClash(c)) => explainer.clash_event(c),
+                    _ => None,
+                };
+                if let Some(f) = finding {
                     if emit_findings(printer, counts, std::slice::from_ref(&f))? {
                         return Ok(true);
                     }

@@ -104,8 +104,9 @@ impl Collector {
                                 let finding = match &ev {
                                     Event::NfDrop(d) => {
                                         let sym = symbols.resolve(d.location);
-                                        Some(explainer.drop_event(d, &sym))
+                                        explainer.drop_event(d, &sym)
                                     }
+                                    Event::CtClash(c) => explainer.clash_event(c),
                                     _ => None,
                                 };
                                 if let Some(cb) = live.as_mut() {
