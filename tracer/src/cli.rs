@@ -160,6 +160,10 @@ pub struct WatchCmd {
     /// Stop after this many seconds.
     #[arg(long, value_parser = parse_duration)]
     pub duration: Option<Duration>,
+    /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9464; name a
+    /// non-loopback address explicitly to expose them).
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 #[derive(Debug, Args)]
@@ -235,6 +239,7 @@ impl WatchCmd {
             json: self.json,
             ready_file: self.ready_file,
             duration: self.duration,
+            metrics: self.metrics,
         }
     }
 }

@@ -12,6 +12,7 @@ pub mod explain;
 pub mod hex;
 pub mod kallsyms;
 pub mod lab;
+pub mod metrics;
 pub mod netns;
 pub mod offsets;
 pub mod output;

@@ -19,6 +19,7 @@ use crate::{
     events::{self, Event},
     explain::Explainer,
     kallsyms::Symbols,
+    metrics::Metrics,
     output::{monotonic_ns, Clock, Printer},
     session::{check_writable_parent, Options, Session},
     verdict::Finding,
@@ -30,14 +31,18 @@ pub struct WatchArgs {
     pub json: bool,
     pub ready_file: Option<PathBuf>,
     pub duration: Option<Duration>,
+    /// Serve Prometheus metrics here.
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 /// What a watch run saw, for the summary.
-#[derive(Debug, Default, Clone)]
+#[derive(Default, Clone)]
 pub struct Counts {
     pub by_kind: BTreeMap<&'static str, u64>,
     pub verdicts: BTreeMap<&'static str, u64>,
     pub decode_errors: u64,
+    /// The same numbers for Prometheus, when `--metrics` is given.
+    pub metrics: Option<Metrics>,
 }
 
 impl Counts {
@@ -115,6 +120,17 @@ pub async fn run(args: WatchArgs) -> anyhow::Result<()> {
         Symbols::new("/proc/kallsyms"),
     );
     let mut counts = Counts::default();
+    let _metrics_server = match args.metrics {
+        Some(addr) => {
+            let m = Metrics::new();
+            let server = crate::metrics::spawn_blocking_server(addr, m.clone())
+                .with_context(|| format!("serving metrics on {addr}"))?;
+            eprintln!("metrics on http://{}/metrics", server.local_addr());
+            counts.metrics = Some(m);
+            Some(server)
+        }
+        None => None,
+    };
     let mut explainer = Explainer::start();
     let mut poll = tokio::time::interval(POLL_EVERY);
     let deadline = async {
@@ -146,6 +162,9 @@ pub async fn run(args: WatchArgs) -> anyhow::Result<()> {
                 guard.clear_ready();
             }
             _ = poll.tick() => {
+                if let Some(m) = &counts.metrics {
+                    m.set_lost(session.lost_per_cpu()?.iter().sum());
+                }
                 let findings = explainer.poll(monotonic_ns());
                 if emit_findings(&mut printer, &mut counts, &findings)? {
                     stop = true;
@@ -208,6 +227,9 @@ fn emit_findings<W: Write>(
 ) -> anyhow::Result<bool> {
     for f in findings {
         *counts.verdicts.entry(f.verdict.name()).or_default() += f.count;
+        if let Some(m) = &counts.metrics {
+            m.on_finding(f);
+        }
         match printer.finding(f) {
             Ok(()) => {}
             Err(e) if is_broken_pipe(&e) => return Ok(true),
@@ -228,6 +250,9 @@ fn drain<W: Write>(
         let r = match events::decode(&item) {
             Ok(ev) => {
                 *counts.by_kind.entry(kind_name(&ev)).or_default() += 1;
+                if let Some(m) = &counts.metrics {
+                    m.on_event(&ev);
+                }
                 let printed = printer.event(&ev);
                 let finding = match (&printed, &ev) {
                     (Ok(()), Event::NfDrop(d)) => {

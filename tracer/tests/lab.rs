@@ -17,6 +17,12 @@ const PREFIX: &str = tracer::lab::topology::PREFIX;
 /// Runs `tracer lab ARGS --json --quiet` and returns the report; asserts a clean exit,
 /// all checks ok, no tracer losses and no namespace left behind.
 fn lab(args: &[&str]) -> Value {
+    lab_checked(args, true)
+}
+
+/// As [`lab`]; `programs`: also check no tracer program is loaded afterwards (false while
+/// another tracer is attached on purpose).
+fn lab_checked(args: &[&str], programs: bool) -> Value {
     require_root();
     let out = Command::new(TRACER)
         .arg("lab")
@@ -41,11 +47,15 @@ fn lab(args: &[&str]) -> Value {
     );
     assert_eq!(report["tracer_lost"], 0);
     assert_eq!(report["decode_errors"], 0);
-    assert_no_leftovers();
+    assert_no_leftovers_but(programs);
     report
 }
 
 fn assert_no_leftovers() {
+    assert_no_leftovers_but(true);
+}
+
+fn assert_no_leftovers_but(programs: bool) {
     assert!(
         tracer::netns::leftovers(PREFIX).is_empty(),
         "lab namespaces left: {:?}",
@@ -77,6 +87,9 @@ fn assert_no_leftovers() {
         .collect();
     assert!(tmp.is_empty(), "lab temp dirs left: {tmp:?}");
     // No tracer program still loaded once the lab has exited.
+    if !programs {
+        return;
+    }
     let out = Command::new("bpftool")
         .args(["prog", "show", "--json"])
         .output()
@@ -378,4 +391,94 @@ fn invalid_segments_reset_connections_unless_mitigated() {
         "the rule's drops are ruleset drops"
     );
     assert_eq!(r["events"]["nf_drop"], 10);
+}
+
+/// `GET /metrics` over plain TCP; the body.
+fn scrape(addr: &str) -> String {
+    use std::io::{Read as _, Write as _};
+    let mut s = std::net::TcpStream::connect(addr).expect("connect to the metrics endpoint");
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    out.split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default()
+}
+
+/// The value of the sample `name{labels}` whose labels include all of `want`.
+fn sample(body: &str, name: &str, want: &[(&str, &str)]) -> Option<f64> {
+    body.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
+        let (series, value) = l.rsplit_once(' ')?;
+        let (n, labels) = series.split_once('{').unwrap_or((series, "}"));
+        if n != name {
+            return None;
+        }
+        let labels = labels.trim_end_matches('}');
+        let have: Vec<(&str, &str)> = labels
+            .split(',')
+            .filter_map(|kv| kv.split_once('='))
+            .map(|(k, v)| (k, v.trim_matches('"')))
+            .collect();
+        want.iter()
+            .all(|w| have.contains(w))
+            .then(|| value.parse().ok())
+            .flatten()
+    })
+}
+
+#[test]
+fn watch_metrics_count_the_findings_a_lab_run_provokes() {
+    require_root();
+    const ADDR: &str = "127.0.0.1:19464";
+    let watch = TracerRun::start(&["--metrics", ADDR]);
+    let r = lab_checked(&["table-full", "--rounds", "5"], false);
+    let netns = node(&r)["netns"].as_u64().unwrap().to_string();
+    assert_eq!(counter(&r, "drop"), 5);
+    // The watcher sees the same drops as the lab's own tracer; give it a moment to read them.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let body = loop {
+        let body = scrape(ADDR);
+        let got = sample(
+            &body,
+            "tracer_findings_total",
+            &[("verdict", "table-full"), ("netns", &netns)],
+        );
+        if got == Some(5.0) || Instant::now() > deadline {
+            break body;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(
+        sample(
+            &body,
+            "tracer_findings_total",
+            &[("verdict", "table-full"), ("netns", &netns)]
+        ),
+        Some(5.0),
+        "scraped:\n{body}"
+    );
+    assert!(
+        sample(&body, "tracer_events_total", &[("kind", "nf_drop")]).unwrap() >= 5.0,
+        "{body}"
+    );
+    assert_eq!(
+        sample(&body, "tracer_lost_events_total", &[]),
+        Some(0.0),
+        "{body}"
+    );
+    let events = watch.stop();
+    let s = summary(&events);
+    assert!(s["verdicts"]["table-full"].as_u64().unwrap() >= 5, "{s}");
+    let findings: Vec<&Value> = events
+        .iter()
+        .filter(|e| e["type"] == "finding" && e["netns"] == node(&r)["netns"])
+        .collect();
+    assert_eq!(
+        findings.len(),
+        5,
+        "the stream and the metrics agree: {findings:#?}"
+    );
 }
