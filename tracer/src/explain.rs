@@ -178,6 +178,11 @@ impl Explainer {
         out
     }
 
+    /// The latest counter reading per namespace (for the metrics' gauges).
+    pub fn readings(&self) -> BTreeMap<u32, CpuStats> {
+        self.classifier.readings()
+    }
+
     /// Counter deltas per namespace since its baseline.
     pub fn deltas(&self) -> BTreeMap<u32, CpuStats> {
         self.classifier.deltas()

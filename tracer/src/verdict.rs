@@ -382,6 +382,14 @@ impl Classifier {
         out
     }
 
+    /// The latest raw counter reading of every netns with open books.
+    pub fn readings(&self) -> BTreeMap<u32, CpuStats> {
+        self.books
+            .iter()
+            .map(|(k, b)| (*k, b.last.clone()))
+            .collect()
+    }
+
     /// Counter deltas of every netns since its baseline.
     pub fn deltas(&self) -> BTreeMap<u32, CpuStats> {
         self.books.iter().map(|(k, b)| (*k, b.delta())).collect()

@@ -166,6 +166,11 @@ pub async fn run(args: WatchArgs) -> anyhow::Result<()> {
                     m.set_lost(session.lost_per_cpu()?.iter().sum());
                 }
                 let findings = explainer.poll(monotonic_ns());
+                if let Some(m) = &counts.metrics {
+                    for (netns, stats) in explainer.readings() {
+                        m.set_conntrack(netns, &stats);
+                    }
+                }
                 if emit_findings(&mut printer, &mut counts, &findings)? {
                     stop = true;
                 }

@@ -469,6 +469,20 @@ fn watch_metrics_count_the_findings_a_lab_run_provokes() {
         Some(0.0),
         "{body}"
     );
+    // The node's own counters, as the watcher last read them (the 5 drops).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let gauge = loop {
+        let v = sample(
+            &scrape(ADDR),
+            "tracer_conntrack_stat",
+            &[("netns", &netns), ("field", "drop")],
+        );
+        if v == Some(5.0) || Instant::now() > deadline {
+            break v;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(gauge, Some(5.0), "the drop counter of the lab's node netns");
     let events = watch.stop();
     let s = summary(&events);
     assert!(s["verdicts"]["table-full"].as_u64().unwrap() >= 5, "{s}");
