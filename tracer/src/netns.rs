@@ -108,8 +108,8 @@ pub fn render_command(cmd: &Command) -> String {
 }
 
 /// Finds a system tool: `$PATH` first, then the sbin directories (not in a user's `$PATH`
-/// on Debian). Falls back to the bare name so the spawn error names it.
-fn tool(name: &str) -> PathBuf {
+/// on Debian).
+pub fn find_tool(name: &str) -> Option<PathBuf> {
     let path_dirs = std::env::var_os("PATH").unwrap_or_default();
     std::env::split_paths(&path_dirs)
         .chain(
@@ -119,7 +119,11 @@ fn tool(name: &str) -> PathBuf {
         )
         .map(|d| d.join(name))
         .find(|p| p.is_file())
-        .unwrap_or_else(|| PathBuf::from(name))
+}
+
+/// [`find_tool`], falling back to the bare name so the spawn error names it.
+fn tool(name: &str) -> PathBuf {
+    find_tool(name).unwrap_or_else(|| PathBuf::from(name))
 }
 
 /// An unnamed temporary file (O_TMPFILE, or created and unlinked at once).

@@ -116,7 +116,7 @@ impl Apt {
 }
 
 /// `dpkg-query` says "install ok installed" only for a fully installed package.
-fn installed(package: &str) -> bool {
+pub(crate) fn installed(package: &str) -> bool {
     Command::new("dpkg-query")
         .args(["-W", "-f=${Status}", package])
         .output()

@@ -35,6 +35,7 @@ use std::{
 
 use anyhow::{bail, Context as _};
 
+use crate::setup::installed;
 use crate::util::{self, Workspace};
 
 /// QEMU, the guest kernel (with its modules in /lib/modules), busybox for the initramfs,
@@ -178,13 +179,6 @@ fn ensure_packages(packages: &[&str]) -> anyhow::Result<()> {
         );
     }
     Ok(())
-}
-
-fn installed(package: &str) -> bool {
-    Command::new("dpkg-query")
-        .args(["-W", "-f=${Status}", package])
-        .output()
-        .is_ok_and(|o| o.status.success() && o.stdout == b"install ok installed")
 }
 
 /// Like `util::run`, but the command line and the command's stdout go to stderr.

@@ -319,17 +319,7 @@ pub struct NetSnapshot {
 }
 
 /// Finds a system tool in `$PATH` and the sbin directories.
-pub fn find_tool(name: &str) -> Option<PathBuf> {
-    let path_dirs = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path_dirs)
-        .chain(
-            ["/usr/sbin", "/sbin", "/usr/bin", "/bin"]
-                .iter()
-                .map(PathBuf::from),
-        )
-        .map(|d| d.join(name))
-        .find(|p| p.is_file())
-}
+pub use crate::netns::find_tool;
 
 fn run_tool(path: &Path, args: &[&str]) -> anyhow::Result<String> {
     let mut cmd = Command::new(path);
