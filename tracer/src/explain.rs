@@ -13,7 +13,7 @@ use std::{
 use crate::{
     ctstats::{self, CpuStats, TupleDir},
     events::NfDropEvent,
-    verdict::{Classifier, Finding, Verdict},
+    verdict::{is_rule_engine, Classifier, Finding, Verdict, PRECISE_CONFIRM_SOURCES},
 };
 
 /// Network namespace inode -> a path that opens it (`/run/netns/NAME`, `/proc/PID/ns/net`).
@@ -107,7 +107,15 @@ impl Explainer {
     /// the same packet.
     pub fn drop_event(&mut self, ev: &NfDropEvent, location_sym: &str) -> Option<Finding> {
         // The counters move before the packet is freed, so a reading taken now covers it.
-        let stats = self.read(ev.netns);
+        // A rule's drop and an insert failure seen where it happened do not depend on the
+        // counters: no reading (a netlink round trip in the netns) for those, which are also
+        // the drops that can arrive at line rate.
+        let precise = PRECISE_CONFIRM_SOURCES.contains(&ev.source);
+        let stats = if precise || is_rule_engine(location_sym) {
+            None
+        } else {
+            self.read(ev.netns)
+        };
         let mut f = self
             .classifier
             .drop_event(ev, location_sym, stats.as_ref())?;
