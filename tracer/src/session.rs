@@ -8,7 +8,7 @@ use std::{
 
 use anyhow::Context as _;
 use aya::{
-    maps::{Array, MapData, PerCpuArray},
+    maps::{Array, MapData, PerCpuArray, RingBuf},
     Btf, Ebpf, EbpfLoader,
 };
 use tracer_common::{EventKind, PORT_WORDS};
@@ -97,6 +97,12 @@ impl Session {
             offsets,
             logger,
         })
+    }
+
+    /// The ring buffer every record arrives through (once: the map moves out of the object).
+    pub fn take_events(&mut self) -> anyhow::Result<RingBuf<MapData>> {
+        let map = self.ebpf.take_map("EVENTS").context("EVENTS map missing")?;
+        Ok(RingBuf::try_from(map)?)
     }
 
     /// Ring-buffer reservation failures per CPU, summed over record kinds.

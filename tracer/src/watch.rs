@@ -83,12 +83,7 @@ pub async fn run(args: WatchArgs) -> anyhow::Result<()> {
         );
     }
 
-    let ring = RingBuf::try_from(
-        session
-            .ebpf
-            .take_map("EVENTS")
-            .context("EVENTS map missing")?,
-    )?;
+    let ring = session.take_events()?;
     // SAFETY: the ring buffer and the logger own their map file descriptors, which stay
     // open and unchanged until the AsyncFd (which owns them) is dropped.
     let mut ring = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }

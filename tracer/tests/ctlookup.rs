@@ -4,9 +4,7 @@
 //! Run as root; they fail (never skip) otherwise.
 
 use std::{
-    fs::File,
     net::{IpAddr, SocketAddr},
-    os::fd::AsRawFd as _,
     path::Path,
 };
 
@@ -221,17 +219,7 @@ fn check_entry(
 
 /// Runs `f` on a thread that joined `ns` (the test thread stays where it is).
 fn in_netns<T: Send>(ns: &Netns, f: impl FnOnce() -> T + Send) -> T {
-    let file = File::open(ns.path()).unwrap();
-    std::thread::scope(|s| {
-        s.spawn(|| {
-            // SAFETY: plain syscall; affects only this scoped thread.
-            let r = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-            assert_eq!(r, 0, "setns: {}", std::io::Error::last_os_error());
-            f()
-        })
-        .join()
-        .expect("thread in netns panicked")
-    })
+    tracer::traffic::in_netns(&ns.path(), f).expect("entering the test netns")
 }
 
 #[test]

@@ -12,7 +12,6 @@ use std::{
 };
 
 use anyhow::Context as _;
-use aya::maps::RingBuf;
 
 use crate::{
     ctstats::CpuStats,
@@ -66,12 +65,7 @@ impl Collector {
                         "not observable on this kernel: {}",
                         unserved.join(", ")
                     );
-                    let ring = RingBuf::try_from(
-                        session
-                            .ebpf
-                            .take_map("EVENTS")
-                            .context("EVENTS map missing")?,
-                    )?;
+                    let ring = session.take_events()?;
                     let mut explainer = Explainer::start();
                     for p in &track {
                         explainer
