@@ -86,15 +86,11 @@ fn assert_no_leftovers_but(programs: bool) {
         .filter(|n| n.starts_with(&format!("{PREFIX}-")))
         .collect();
     assert!(tmp.is_empty(), "lab temp dirs left: {tmp:?}");
-    // No tracer program still loaded once the lab has exited.
+    // No tracer program still loaded once the lab has exited. The kernel frees a program
+    // asynchronously after its last file descriptor closes, so give it a bounded moment.
     if !programs {
         return;
     }
-    let out = Command::new("bpftool")
-        .args(["prog", "show", "--json"])
-        .output()
-        .expect("bpftool (cargo xtask setup installs it)");
-    let progs: Value = serde_json::from_slice(&out.stdout).unwrap();
     let ours = [
         "dns_egress",
         "dns_ingress",
@@ -102,13 +98,29 @@ fn assert_no_leftovers_but(programs: bool) {
         "sendmmsg_enter",
         "sendmmsg_exit",
     ];
-    let left: Vec<&Value> = progs
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|p| ours.iter().any(|n| p["name"] == *n))
-        .collect();
-    assert!(left.is_empty(), "tracer programs still loaded: {left:#?}");
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        let out = Command::new("bpftool")
+            .args(["prog", "show", "--json"])
+            .output()
+            .expect("bpftool (cargo xtask setup installs it)");
+        let progs: Value = serde_json::from_slice(&out.stdout).unwrap();
+        let left: Vec<Value> = progs
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|p| ours.iter().any(|n| p["name"] == *n))
+            .cloned()
+            .collect();
+        if left.is_empty() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "tracer programs still loaded 3 s after the lab exited: {left:#?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 fn node(report: &Value) -> &Value {
