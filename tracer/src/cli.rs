@@ -4,7 +4,13 @@ use std::{path::PathBuf, time::Duration};
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::{btf::VMLINUX_BTF, lab, session, traffic::Proto, watch};
+use crate::{
+    btf::VMLINUX_BTF,
+    lab, session,
+    traffic::Proto,
+    view::{Filter, VerdictFilter, View},
+    watch,
+};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -108,6 +114,14 @@ pub struct LabCmd {
     /// snat-race: number of pods.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(2..=16))]
     pub pods: u64,
+    /// snat-race: the pods look up a name (A and AAAA in one sendmmsg, retried after a
+    /// timeout like glibc) from a DNS server behind the node, instead of echo datagrams.
+    #[arg(long)]
+    pub dns: bool,
+    /// dns-race: a rule on the node drops the first AAAA query of every lookup, so the
+    /// client's real timeout and retry show (a firewall's doing, not a conntrack race).
+    #[arg(long)]
+    pub lose_first_aaaa: bool,
     /// JSON lines (live events and findings, then the report) instead of text.
     #[arg(long)]
     pub json: bool,
@@ -129,6 +143,8 @@ impl LabCmd {
             source_port: self.source_port,
             client: self.client,
             pods: self.pods as usize,
+            dns: self.dns,
+            lose_first_aaaa: self.lose_first_aaaa,
             session: self.kernel.session(false),
         }
     }
@@ -164,6 +180,40 @@ pub struct WatchCmd {
     /// non-loopback address explicitly to expose them).
     #[arg(long, value_name = "ADDR")]
     pub metrics: Option<std::net::SocketAddr>,
+    /// Where the node's filesystem is mounted (`/host` in a container): cgroups, /proc,
+    /// /var/log/pods and /var/lib/kubelet/pods are read under it.
+    #[arg(long, default_value = "/")]
+    pub root: PathBuf,
+    /// Only this Kubernetes namespace.
+    #[arg(long)]
+    pub namespace: Option<String>,
+    /// Only this pod (`name`, `namespace/name` or a UID prefix).
+    #[arg(long)]
+    pub pod: Option<String>,
+    /// Only lookups of this name, or of names ending in it when it starts with a dot
+    /// (`.svc.cluster.local`).
+    #[arg(long)]
+    pub qname: Option<String>,
+    /// Only lookups and findings with this verdict (a verdict name, `unanswered` or
+    /// `retried`); repeat or separate with commas.
+    #[arg(long = "verdict", value_delimiter = ',')]
+    pub verdicts: Vec<VerdictFilter>,
+    /// Also print every DNS packet and drop (text mode; JSON always has them).
+    #[arg(long)]
+    pub events: bool,
+    /// Also print healthy lookups, one line each (lookups with a problem get a timeline).
+    #[arg(long)]
+    pub all_lookups: bool,
+    /// Colour: auto (on a terminal), always or never.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub color: ColorChoice,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ColorChoice {
+    Auto,
+    Always,
+    Never,
 }
 
 #[derive(Debug, Args)]
@@ -240,6 +290,22 @@ impl WatchCmd {
             ready_file: self.ready_file,
             duration: self.duration,
             metrics: self.metrics,
+            node_root: self.root,
+            view: View {
+                filter: Filter {
+                    namespace: self.namespace,
+                    pod: self.pod,
+                    qname: self.qname,
+                    verdicts: self.verdicts,
+                },
+                events: self.events,
+                all_lookups: self.all_lookups,
+                colour: match self.color {
+                    ColorChoice::Auto => None,
+                    ColorChoice::Always => Some(true),
+                    ColorChoice::Never => Some(false),
+                },
+            },
         }
     }
 }

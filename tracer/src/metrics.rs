@@ -10,6 +10,11 @@
 //! tracer_findings_total{verdict,netns}      counter  (sum of Finding::count)
 //! tracer_lost_events_total                  counter  (ring-buffer losses, all CPUs)
 //! tracer_conntrack_stat{netns,field}        gauge    (per-netns totals over CPUs)
+//! tracer_lookups_total{namespace,pod,outcome}           counter (finished DNS lookups)
+//! tracer_lookup_verdicts_total{namespace,pod,verdict}   counter (queries of lookups with a fate)
+//! tracer_unanswered_queries_total{namespace,pod}        counter
+//! tracer_lookup_latency_seconds{outcome}                histogram (what the application waited)
+//! tracer_retry_delay_seconds                            histogram (first try to the retry)
 //! tracer_build_info{version}                info     (always 1)
 //! ```
 
@@ -27,8 +32,8 @@ use std::{
 use anyhow::Context as _;
 use prometheus_client::{
     encoding::{text, EncodeLabelSet},
-    metrics::{counter::Counter, family::Family, gauge::Gauge, info::Info},
-    registry::Registry,
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram, info::Info},
+    registry::{Registry, Unit},
 };
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
@@ -36,7 +41,12 @@ use tokio::{
     sync::oneshot,
 };
 
-use crate::{ctstats::CpuStats, events::Event, verdict::Finding};
+use crate::{
+    ctstats::CpuStats,
+    events::Event,
+    lookups::{Lookup, Outcome as LookupOutcome},
+    verdict::Finding,
+};
 
 /// The address the CLI binds to unless told otherwise: loopback only.
 pub const DEFAULT_ADDR: SocketAddr =
@@ -75,6 +85,49 @@ struct StatLabels {
     field: &'static str,
 }
 
+/// A pod (or `host`), by Kubernetes namespace and name; `pod` is the workload's label when
+/// the name is unknown (a UID, `host`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PodLabels {
+    namespace: String,
+    pod: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PodOutcomeLabels {
+    namespace: String,
+    pod: String,
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PodVerdictLabels {
+    namespace: String,
+    pod: String,
+    verdict: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabels {
+    outcome: &'static str,
+}
+
+/// Bucket bounds of the latency histograms, in seconds: sub-millisecond answers up to the
+/// 5 s / 10 s of resolver timeouts.
+const LATENCY_BUCKETS: [f64; 12] = [
+    0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 2.0, 3.0, 5.5, 10.5, 20.0,
+];
+
+fn outcome_label(o: LookupOutcome) -> &'static str {
+    match o {
+        LookupOutcome::Answered => "answered",
+        LookupOutcome::Negative => "negative",
+        LookupOutcome::Error => "error",
+        LookupOutcome::Unanswered => "unanswered",
+        LookupOutcome::Shed => "shed",
+    }
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct BuildLabels {
     version: &'static str,
@@ -88,6 +141,11 @@ struct Inner {
     /// The highest loss total passed to [`Metrics::set_lost`], so the counter moves by deltas.
     lost_seen: AtomicU64,
     conntrack: Family<StatLabels, Gauge>,
+    lookups: Family<PodOutcomeLabels, Counter>,
+    lookup_verdicts: Family<PodVerdictLabels, Counter>,
+    unanswered: Family<PodLabels, Counter>,
+    latency: Family<OutcomeLabels, Histogram>,
+    retry_delay: Histogram,
 }
 
 /// The tracer's metrics. Cheap to clone (an `Arc`); all methods take `&self` and are
@@ -152,6 +210,40 @@ impl Metrics {
                 version: env!("CARGO_PKG_VERSION"),
             }),
         );
+        let lookups = Family::<PodOutcomeLabels, Counter>::default();
+        let lookup_verdicts = Family::<PodVerdictLabels, Counter>::default();
+        let unanswered = Family::<PodLabels, Counter>::default();
+        let latency = Family::<OutcomeLabels, Histogram>::new_with_constructor(
+            (|| Histogram::new(LATENCY_BUCKETS)) as fn() -> Histogram,
+        );
+        let retry_delay = Histogram::new(LATENCY_BUCKETS);
+        registry.register(
+            "tracer_lookups",
+            "DNS lookups finished, by pod and outcome",
+            lookups.clone(),
+        );
+        registry.register(
+            "tracer_lookup_verdicts",
+            "Queries of DNS lookups that met a conntrack or firewall fate, by pod and verdict",
+            lookup_verdicts.clone(),
+        );
+        registry.register(
+            "tracer_unanswered_queries",
+            "DNS queries that got no answer within the resolver's timeout, by pod",
+            unanswered.clone(),
+        );
+        registry.register_with_unit(
+            "tracer_lookup_latency",
+            "What the application waited for a DNS lookup, by outcome",
+            Unit::Seconds,
+            latency.clone(),
+        );
+        registry.register_with_unit(
+            "tracer_retry_delay",
+            "Time from a DNS query to the resolver's retry of it",
+            Unit::Seconds,
+            retry_delay.clone(),
+        );
         // Every kind is exported from the start, so rates work from the first scrape.
         for kind in EVENT_KINDS {
             let _ = events.get_or_create(&KindLabels { kind });
@@ -164,6 +256,11 @@ impl Metrics {
                 lost,
                 lost_seen: AtomicU64::new(0),
                 conntrack,
+                lookups,
+                lookup_verdicts,
+                unanswered,
+                latency,
+                retry_delay,
             }),
         }
     }
@@ -187,6 +284,55 @@ impl Metrics {
                 netns: finding.netns,
             })
             .inc_by(finding.count);
+    }
+
+    /// Counts one finished lookup under its pod: outcome, the fates of its queries,
+    /// unanswered queries, the latency and each retry's delay.
+    pub fn on_lookup(&self, l: &Lookup) {
+        let w = &l.workload;
+        let namespace = w.namespace.clone().unwrap_or_default();
+        let pod = w.pod.clone().unwrap_or_else(|| w.label());
+        let outcome = outcome_label(l.outcome);
+        self.inner
+            .lookups
+            .get_or_create(&PodOutcomeLabels {
+                namespace: namespace.clone(),
+                pod: pod.clone(),
+                outcome,
+            })
+            .inc();
+        for q in &l.queries {
+            if let Some(f) = &q.fate {
+                self.inner
+                    .lookup_verdicts
+                    .get_or_create(&PodVerdictLabels {
+                        namespace: namespace.clone(),
+                        pod: pod.clone(),
+                        verdict: f.verdict.name(),
+                    })
+                    .inc();
+            }
+            if q.attempt > 1 {
+                if let Some(prev) = l.queries.iter().find(|p| {
+                    p.qname == q.qname && p.qtype == q.qtype && p.attempt + 1 == q.attempt
+                }) {
+                    self.inner
+                        .retry_delay
+                        .observe(q.ts_ns.saturating_sub(prev.ts_ns) as f64 / 1e9);
+                }
+            }
+        }
+        let unanswered = l.queries.iter().filter(|q| q.unanswered).count() as u64;
+        if unanswered > 0 {
+            self.inner
+                .unanswered
+                .get_or_create(&PodLabels { namespace, pod })
+                .inc_by(unanswered);
+        }
+        self.inner
+            .latency
+            .get_or_create(&OutcomeLabels { outcome })
+            .observe(l.latency_ns as f64 / 1e9);
     }
 
     /// Records the ring-buffer loss total (the per-CPU sum, as read from the kernel).

@@ -99,40 +99,102 @@ pub fn ct_status_names(status: u64) -> String {
     }
 }
 
-fn dns_text(payload: &[u8]) -> String {
-    match dns::summarize(payload) {
-        Ok(s) => {
-            let q = s
-                .questions
-                .first()
-                .map(|q| format!("{} {}", q.qtype, q.name))
-                .unwrap_or_default();
-            if s.response {
-                let answers: Vec<String> = s
-                    .answers
-                    .iter()
-                    .map(|a| format!("{} {}", a.rtype, a.data))
-                    .collect();
-                format!(
-                    "answer id 0x{:04x} {}{} {q} -> [{}]",
-                    s.id,
-                    s.rcode,
-                    if s.truncated { " TC" } else { "" },
-                    answers.join(", ")
-                )
-            } else {
-                format!("query id 0x{:04x} {q}", s.id)
+/// One line for a DNS message: `query id 0x1234 A example.com rd EDNS 1232`, or
+/// `answer id 0x1234 NOERROR A example.com -> [CNAME x.example.com, A 192.0.2.1] TC EDNS 1232`.
+fn dns_text(payload: &[u8], full_len: u32) -> String {
+    let m = match dns::parse(payload, full_len as usize) {
+        Ok(m) => m,
+        Err(e) => return format!("undecodable DNS ({e})"),
+    };
+    let mut s = format!(
+        "{} id 0x{:04x}",
+        if m.response { "answer" } else { "query" },
+        m.id
+    );
+    if m.opcode != 0 {
+        s.push_str(&format!(" opcode {}", m.opcode));
+    }
+    if m.response {
+        s.push_str(&format!(" {}", m.rcode));
+    }
+    match m.questions.as_slice() {
+        [] => s.push_str(" (no question)"),
+        [q, rest @ ..] => {
+            s.push_str(&format!(" {} {}", dns::qtype_name(q.qtype), q.name));
+            if !rest.is_empty() {
+                s.push_str(&format!(" (+{} questions)", rest.len()));
             }
         }
-        Err(e) => format!("not DNS ({e})"),
     }
+    if m.response {
+        let answers: Vec<String> = m
+            .answers
+            .iter()
+            .map(|a| format!("{} {}", dns::qtype_name(a.rtype), a.data))
+            .collect();
+        s.push_str(&format!(" -> [{}]", answers.join(", ")));
+        if m.authority > 0 {
+            s.push_str(&format!(" authority {}", m.authority));
+        }
+    }
+    let flags = m.flags.to_string();
+    if !flags.is_empty() {
+        s.push_str(&format!(" {}", flags.replace("tc", "TC")));
+    }
+    if let Some(e) = m.edns {
+        s.push_str(&format!(
+            " EDNS {}{}",
+            e.udp_size,
+            if e.dnssec_ok { " DO" } else { "" }
+        ));
+    }
+    if m.capture_cut {
+        s.push_str(&format!(
+            " (capture cut: {} of {} answers)",
+            m.answers.len(),
+            m.answer_count
+        ));
+    }
+    s
 }
 
 pub struct Printer<W: Write> {
-    out: W,
-    json: bool,
-    clock: Clock,
+    pub(crate) out: W,
+    pub(crate) json: bool,
+    pub(crate) clock: Clock,
     symbols: Symbols,
+    pub(crate) style: Style,
+}
+
+/// ANSI colour, on a terminal only.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Style {
+    pub colour: bool,
+}
+
+impl Style {
+    fn paint(&self, code: &str, s: &str) -> String {
+        if self.colour {
+            format!("\x1b[{code}m{s}\x1b[0m")
+        } else {
+            s.to_string()
+        }
+    }
+    pub fn red(&self, s: &str) -> String {
+        self.paint("1;31", s)
+    }
+    pub fn yellow(&self, s: &str) -> String {
+        self.paint("33", s)
+    }
+    pub fn green(&self, s: &str) -> String {
+        self.paint("32", s)
+    }
+    pub fn dim(&self, s: &str) -> String {
+        self.paint("2", s)
+    }
+    pub fn bold(&self, s: &str) -> String {
+        self.paint("1", s)
+    }
 }
 
 impl<W: Write> Printer<W> {
@@ -142,7 +204,23 @@ impl<W: Write> Printer<W> {
             json,
             clock,
             symbols,
+            style: Style::default(),
         }
+    }
+
+    /// Colour for the text output (a terminal).
+    pub fn with_style(mut self, style: Style) -> Self {
+        self.style = style;
+        self
+    }
+
+    pub fn is_json(&self) -> bool {
+        self.json
+    }
+
+    /// Text as it is (text mode only).
+    pub fn raw(&mut self, text: &str) -> io::Result<()> {
+        self.out.write_all(text.as_bytes())
     }
 
     pub fn event(&mut self, ev: &Event) -> io::Result<()> {
@@ -176,10 +254,18 @@ impl<W: Write> Printer<W> {
     }
 
     pub fn finding(&mut self, f: &Finding) -> io::Result<()> {
+        self.finding_as(f, None)
+    }
+
+    /// A finding; `pod` is the label and JSON of the pod whose query it hit, when known.
+    pub(crate) fn finding_as(&mut self, f: &Finding, pod: Option<(String, Value)>) -> io::Result<()> {
         if self.json {
             let mut v = serde_json::to_value(f).unwrap_or(Value::Null);
             if let Value::Object(m) = &mut v {
                 m.insert("type".into(), json!("finding"));
+                if let Some((_, w)) = &pod {
+                    m.insert("workload".into(), w.clone());
+                }
                 let time = humantime::format_rfc3339_nanos(self.clock.wall(f.ts_ns)).to_string();
                 m.insert("time".into(), json!(time));
             }
@@ -198,10 +284,16 @@ impl<W: Write> Printer<W> {
             } else {
                 String::new()
             };
+            let verdict = if f.verdict.lost_packet() {
+                self.style.red(f.verdict.name())
+            } else {
+                self.style.yellow(f.verdict.name())
+            };
+            let pod = pod.map(|(label, _)| format!(" {label}")).unwrap_or_default();
             writeln!(
                 self.out,
-                "{time} FINDING {}{count} netns {}{what}: {} [{}]",
-                f.verdict.name(),
+                "{} FINDING {verdict}{count}{pod} netns {}{what}: {} [{}]",
+                self.style.dim(&time),
                 f.netns,
                 f.explanation,
                 f.source
@@ -219,14 +311,19 @@ impl<W: Write> Printer<W> {
         if let Value::Object(m) = &mut v {
             m.insert("time".into(), json!(time));
             match ev {
-                Event::DnsSend(d) | Event::DnsRecv(d) => match dns::summarize(&d.payload) {
-                    Ok(s) => {
-                        m.insert("dns".into(), serde_json::to_value(s).unwrap_or(Value::Null));
+                Event::DnsSend(d) | Event::DnsRecv(d) => {
+                    match dns::parse(&d.payload, d.payload_len as usize) {
+                        Ok(msg) => {
+                            m.insert(
+                                "dns".into(),
+                                serde_json::to_value(msg).unwrap_or(Value::Null),
+                            );
+                        }
+                        Err(e) => {
+                            m.insert("dns_error".into(), json!(e.to_string()));
+                        }
                     }
-                    Err(e) => {
-                        m.insert("dns_error".into(), json!(e));
-                    }
-                },
+                }
                 Event::NfDrop(n) | Event::CtClash(n) => {
                     if n.location != 0 {
                         m.insert(
@@ -268,7 +365,7 @@ impl<W: Write> Printer<W> {
                     d.task.cgroup_id,
                     d.sock_cookie,
                     flow(&d.tuple),
-                    dns_text(&d.payload)
+                    dns_text(&d.payload, d.payload_len)
                 )
             }
             Event::NfDrop(n) | Event::CtClash(n) => {

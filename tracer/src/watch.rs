@@ -2,7 +2,7 @@
 
 use std::{
     collections::BTreeMap,
-    io::{self, Write},
+    io::{self, IsTerminal as _, Write},
     path::PathBuf,
     time::Duration,
 };
@@ -16,13 +16,16 @@ use tokio::{
 };
 
 use crate::{
-    events::{self, Event},
+    events::Event,
     explain::Explainer,
     kallsyms::Symbols,
+    lookups,
     metrics::Metrics,
-    output::{monotonic_ns, Clock, Printer},
+    output::{monotonic_ns, Clock, Printer, Style},
+    pipeline::{Item, Pipeline},
+    pods::{NodePaths, PodIndex},
     session::{check_writable_parent, Options, Session},
-    verdict::Finding,
+    view::{Summary, View},
 };
 
 #[derive(Debug, Clone)]
@@ -33,6 +36,9 @@ pub struct WatchArgs {
     pub duration: Option<Duration>,
     /// Serve Prometheus metrics here.
     pub metrics: Option<std::net::SocketAddr>,
+    /// Where the node's filesystem is (`/`, or `/host` in a container).
+    pub node_root: PathBuf,
+    pub view: View,
 }
 
 /// What a watch run saw, for the summary.
@@ -108,12 +114,16 @@ pub async fn run(args: WatchArgs) -> anyhow::Result<()> {
     eprintln!("watching (ports {:?}); Ctrl-C to stop", args.session.ports);
 
     let stdout = io::stdout();
+    let style = Style {
+        colour: args.view.colour.unwrap_or_else(|| stdout.is_terminal()),
+    };
     let mut printer = Printer::new(
         io::BufWriter::new(stdout.lock()),
         args.json,
         Clock::now(),
         Symbols::new("/proc/kallsyms"),
-    );
+    )
+    .with_style(style);
     let mut counts = Counts::default();
     let _metrics_server = match args.metrics {
         Some(addr) => {
@@ -126,7 +136,23 @@ pub async fn run(args: WatchArgs) -> anyhow::Result<()> {
         }
         None => None,
     };
-    let mut explainer = Explainer::start();
+    let pods = PodIndex::new(NodePaths::for_root(&args.node_root)?);
+    let cfg = lookups::Config {
+        hold_ns: HOLD.as_nanos() as u64,
+        ..lookups::Config::default()
+    };
+    let mut pipeline = Pipeline::new(
+        Explainer::start(),
+        pods,
+        cfg,
+        Symbols::new("/proc/kallsyms"),
+    );
+    let mut show = Show {
+        printer: &mut printer,
+        counts: &mut counts,
+        view: &args.view,
+        summary: Summary::default(),
+    };
     let mut poll = tokio::time::interval(POLL_EVERY);
     let deadline = async {
         match args.duration {
@@ -141,7 +167,7 @@ pub async fn run(args: WatchArgs) -> anyhow::Result<()> {
         tokio::select! {
             guard = ring.readable_mut() => {
                 let mut guard = guard?;
-                if drain(guard.get_inner_mut(), &mut printer, &mut counts, &mut explainer)? {
+                if drain(guard.get_inner_mut(), &mut pipeline, &mut show)? {
                     stop = true;
                 }
                 guard.clear_ready();
@@ -157,16 +183,16 @@ pub async fn run(args: WatchArgs) -> anyhow::Result<()> {
                 guard.clear_ready();
             }
             _ = poll.tick() => {
-                if let Some(m) = &counts.metrics {
+                if let Some(m) = &show.counts.metrics {
                     m.set_lost(session.lost_per_cpu()?.iter().sum());
                 }
-                let findings = explainer.poll(monotonic_ns());
-                if let Some(m) = &counts.metrics {
-                    for (netns, stats) in explainer.readings() {
+                let r = pipeline.poll(monotonic_ns(), &mut |item| show.item(item));
+                if let Some(m) = &show.counts.metrics {
+                    for (netns, stats) in pipeline.explainer.readings() {
                         m.set_conntrack(netns, &stats);
                     }
                 }
-                if emit_findings(&mut printer, &mut counts, &findings)? {
+                if quiet_stop(r)? {
                     stop = true;
                 }
             }
@@ -176,21 +202,38 @@ pub async fn run(args: WatchArgs) -> anyhow::Result<()> {
         }
     }
     // What the kernel wrote before we stopped still counts.
-    let _ = drain(ring.get_mut(), &mut printer, &mut counts, &mut explainer)?;
-    let findings = explainer.poll(monotonic_ns());
-    let _ = emit_findings(&mut printer, &mut counts, &findings)?;
+    let _ = drain(ring.get_mut(), &mut pipeline, &mut show)?;
+    let r = pipeline.finish(monotonic_ns(), &mut |item| show.item(item));
+    let _ = quiet_stop(r)?;
     let lost = session.lost_per_cpu()?;
     let lost_total: u64 = lost.iter().sum();
-    let summary = json!({
+    let stats = pipeline.correlator.stats.clone();
+    let Show {
+        printer,
+        summary,
+        counts,
+        ..
+    } = show;
+    let summary_json = json!({
         "events": counts.total(),
         "by_kind": counts.by_kind,
         "verdicts": counts.verdicts,
         "lost": lost_total,
         "lost_per_cpu": lost,
         "decode_errors": counts.decode_errors,
+        "lookups": stats,
+        "lookup_outcomes": summary.outcomes,
+        "pods": summary.pods,
     });
     match printer
-        .note("summary", summary)
+        .note("summary", summary_json)
+        .and_then(|_| {
+            if args.json {
+                Ok(())
+            } else {
+                printer.raw(&summary.render(&stats, style))
+            }
+        })
         .and_then(|_| printer.flush())
     {
         Err(e) if !is_broken_pipe(&e) => return Err(e.into()),
@@ -219,73 +262,89 @@ pub async fn run(args: WatchArgs) -> anyhow::Result<()> {
 /// How often the conntrack counters are read for findings that drop no packet.
 const POLL_EVERY: Duration = Duration::from_secs(1);
 
-/// Prints findings; `true` when stdout is gone.
-fn emit_findings<W: Write>(
-    printer: &mut Printer<W>,
-    counts: &mut Counts,
-    findings: &[Finding],
-) -> anyhow::Result<bool> {
-    for f in findings {
-        *counts.verdicts.entry(f.verdict.name()).or_default() += f.count;
-        if let Some(m) = &counts.metrics {
-            m.on_finding(f);
-        }
-        match printer.finding(f) {
-            Ok(()) => {}
-            Err(e) if is_broken_pipe(&e) => return Ok(true),
-            Err(e) => return Err(e.into()),
-        }
+/// Finished lookups are held this long for the next counter reading (see
+/// `lookups::Config::hold_ns`): a little more than [`POLL_EVERY`].
+const HOLD: Duration = Duration::from_millis(1200);
+
+/// `Ok(true)` when stdout is gone (stop quietly).
+fn quiet_stop(r: io::Result<()>) -> anyhow::Result<bool> {
+    match r {
+        Ok(()) => Ok(false),
+        Err(e) if is_broken_pipe(&e) => Ok(true),
+        Err(e) => Err(e.into()),
     }
-    Ok(false)
+}
+
+/// What the terminal shows, and the tallies for the summary.
+struct Show<'a, W: Write> {
+    printer: &'a mut Printer<W>,
+    counts: &'a mut Counts,
+    view: &'a View,
+    summary: Summary,
+}
+
+impl<W: Write> Show<'_, W> {
+    fn item(&mut self, item: Item<'_>) -> io::Result<()> {
+        match item {
+            Item::Event { ev, workload } => {
+                *self.counts.by_kind.entry(kind_name(ev)).or_default() += 1;
+                if let Some(m) = &self.counts.metrics {
+                    m.on_event(ev);
+                }
+                if (self.printer.is_json() || self.view.events)
+                    && self.view.filter.event(ev, workload.as_deref())
+                {
+                    self.printer.event_of(ev, workload.as_deref())?;
+                }
+            }
+            Item::Finding { finding, workload } => {
+                *self
+                    .counts
+                    .verdicts
+                    .entry(finding.verdict.name())
+                    .or_default() += finding.count;
+                if let Some(m) = &self.counts.metrics {
+                    m.on_finding(finding);
+                }
+                if self.view.filter.finding(finding, workload.as_deref()) {
+                    self.printer.finding_of(finding, workload.as_deref())?;
+                }
+            }
+            Item::Lookup(l) => {
+                self.summary.add(l);
+                if let Some(m) = &self.counts.metrics {
+                    m.on_lookup(l);
+                }
+                if self.view.filter.lookup(l) && (l.problem || self.view.all_lookups) {
+                    self.printer.lookup(l)?;
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Reads every pending record. Returns `true` when stdout is gone (stop quietly).
 fn drain<W: Write>(
     ring: &mut RingBuf<MapData>,
-    printer: &mut Printer<W>,
-    counts: &mut Counts,
-    explainer: &mut Explainer,
+    pipeline: &mut Pipeline,
+    show: &mut Show<'_, W>,
 ) -> anyhow::Result<bool> {
     while let Some(item) = ring.next() {
-        let r = match events::decode(&item) {
-            Ok(ev) => {
-                *counts.by_kind.entry(kind_name(&ev)).or_default() += 1;
-                if let Some(m) = &counts.metrics {
-                    m.on_event(&ev);
-                }
-                let printed = printer.event(&ev);
-                let finding = match (&printed, &ev) {
-                    (Ok(()), Event::NfDrop(d)) => {
-                        let sym = printer.symbolize(d.location);
-                        explainer.drop_event(d, &sym)
-                    }
-                    (Ok(()), Event::CtClash(c)) => explainer.clash_event(c),
-                    _ => None,
-                };
-                if let Some(f) = finding {
-                    if emit_findings(printer, counts, std::slice::from_ref(&f))? {
-                        return Ok(true);
-                    }
-                }
-                printed
-            }
-            Err(e) => {
-                counts.decode_errors += 1;
-                printer.note(
+        let r = match pipeline.record(&item, &mut |i| show.item(i)) {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => {
+                show.counts.decode_errors += 1;
+                show.printer.note(
                     "decode_error",
                     json!({ "error": e.to_string(), "len": item.len() }),
                 )
             }
+            Err(e) => Err(e),
         };
-        match r {
-            Ok(()) => {}
-            Err(e) if is_broken_pipe(&e) => return Ok(true),
-            Err(e) => return Err(e.into()),
+        if quiet_stop(r)? {
+            return Ok(true);
         }
     }
-    match printer.flush() {
-        Ok(()) => Ok(false),
-        Err(e) if is_broken_pipe(&e) => Ok(true),
-        Err(e) => Err(e.into()),
-    }
+    quiet_stop(show.printer.flush())
 }

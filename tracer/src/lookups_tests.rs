@@ -1,0 +1,704 @@
+//! The correlator driven by synthetic event streams (real DNS wire bytes, no kernel).
+
+use std::{net::SocketAddr, sync::Arc};
+
+use super::*;
+use crate::{
+    events::{Conntrack, FiveTuple, TaskInfo},
+    pods::Workload,
+    traffic::{dns_query, QTYPE_A, QTYPE_AAAA},
+};
+
+const MS: u64 = 1_000_000;
+const S: u64 = 1_000_000_000;
+const POD_NETNS: u32 = 4026530001;
+const NODE_NETNS: u32 = 4026530002;
+
+fn pod_addr(port: u16) -> SocketAddr {
+    SocketAddr::from(([10, 0, 0, 2], port))
+}
+fn vip() -> SocketAddr {
+    SocketAddr::from(([10, 96, 0, 10], 53))
+}
+fn backend() -> SocketAddr {
+    SocketAddr::from(([10, 1, 0, 5], 53))
+}
+
+fn workload() -> Arc<Workload> {
+    Arc::new(Workload::host(Some("test".into())))
+}
+
+/// A response to `query`: QR, RA, `rcode`, the question echoed, and one A or AAAA record
+/// (a pointer to the question name) when `answer` is set.
+fn response(query: &[u8], rcode: u8, answer: bool) -> Vec<u8> {
+    let mut r = query.to_vec();
+    r[2] |= 0x80;
+    r[3] = 0x80 | rcode;
+    let qtype = u16::from_be_bytes([query[query.len() - 4], query[query.len() - 3]]);
+    if answer {
+        r[7] = 1;
+        r.extend_from_slice(&[0xc0, 12]);
+        r.extend_from_slice(&qtype.to_be_bytes());
+        r.extend_from_slice(&[0, 1, 0, 0, 0, 30]);
+        if qtype == QTYPE_AAAA {
+            r.extend_from_slice(&16u16.to_be_bytes());
+            r.extend_from_slice(&[0xfd, 0x77, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x99]);
+        } else {
+            r.extend_from_slice(&4u16.to_be_bytes());
+            r.extend_from_slice(&[10, 77, 0, 99]);
+        }
+    }
+    r
+}
+
+struct Stream {
+    c: Correlator,
+    pid: u32,
+}
+
+#[allow(clippy::too_many_arguments)]
+fn dns_event(
+    ts: u64,
+    pid: Option<u32>,
+    cookie: u64,
+    src: SocketAddr,
+    dst: SocketAddr,
+    batch: bool,
+    payload: Vec<u8>,
+) -> DnsEvent {
+    DnsEvent {
+        ts_ns: ts,
+        source: "cgroup_skb/egress",
+        task: TaskInfo {
+            pid,
+            tid: pid,
+            comm: pid.map(|_| "getent".to_string()),
+            cgroup_id: 77,
+            netns: POD_NETNS,
+        },
+        sock_cookie: cookie,
+        tuple: FiveTuple {
+            proto: 17,
+            src,
+            dst,
+        },
+        batch,
+        batch_len: if batch { 2 } else { 0 },
+        payload_len: payload.len() as u32,
+        payload,
+    }
+}
+
+impl Stream {
+    fn new() -> Self {
+        Stream::with(Config::default())
+    }
+    fn with(cfg: Config) -> Self {
+        Stream {
+            c: Correlator::new(cfg),
+            pid: 4242,
+        }
+    }
+    #[allow(clippy::too_many_arguments)]
+    fn send(
+        &mut self,
+        ts: u64,
+        port: u16,
+        cookie: u64,
+        id: u16,
+        name: &str,
+        qtype: u16,
+        batch: bool,
+    ) -> Vec<u8> {
+        let q = dns_query(id, name, qtype).unwrap();
+        self.c.on_send(
+            &dns_event(
+                ts,
+                Some(self.pid),
+                cookie,
+                pod_addr(port),
+                vip(),
+                batch,
+                q.clone(),
+            ),
+            workload(),
+        );
+        q
+    }
+    fn answer(&mut self, ts: u64, port: u16, query: &[u8], rcode: u8, positive: bool) {
+        let r = response(query, rcode, positive);
+        self.c.on_recv(&dns_event(
+            ts,
+            Some(self.pid),
+            1,
+            vip(),
+            pod_addr(port),
+            false,
+            r,
+        ));
+    }
+    fn drop_query(
+        &mut self,
+        ts: u64,
+        port: u16,
+        query: &[u8],
+        verdict: Verdict,
+        snat: bool,
+    ) -> Option<Arc<Workload>> {
+        let orig = FiveTuple {
+            proto: 17,
+            src: pod_addr(port),
+            dst: vip(),
+        };
+        let reply = if snat {
+            FiveTuple {
+                proto: 17,
+                src: vip(),
+                dst: SocketAddr::from(([192, 168, 0, 1], port)),
+            }
+        } else {
+            FiveTuple {
+                proto: 17,
+                src: backend(),
+                dst: pod_addr(port),
+            }
+        };
+        let ev = NfDropEvent {
+            ts_ns: ts,
+            source: "tp_btf/kfree_skb",
+            netns: NODE_NETNS,
+            ifindex: 3,
+            location: 0,
+            reason: 12,
+            verdict: 0,
+            packet: Some(FiveTuple {
+                proto: 17,
+                src: reply.dst,
+                dst: reply.src,
+            }),
+            conntrack: Some(Conntrack {
+                status: 0,
+                confirmed: false,
+                orig,
+                reply,
+            }),
+            clash_winner: None,
+            payload_len: query.len() as u32,
+            payload: query[..query.len().min(64)].to_vec(),
+        };
+        let f = finding(verdict, ts, ev.packet, ev.conntrack.clone());
+        self.c.on_packet_finding(&ev, &f)
+    }
+    fn done(&mut self, now: u64) -> Vec<Lookup> {
+        self.c.tick(now);
+        self.c.take_done()
+    }
+}
+
+fn finding(
+    verdict: Verdict,
+    ts: u64,
+    packet: Option<FiveTuple>,
+    conntrack: Option<Conntrack>,
+) -> Finding {
+    Finding {
+        verdict,
+        netns: NODE_NETNS,
+        ts_ns: ts,
+        count: 1,
+        source: "tp_btf/kfree_skb",
+        packet,
+        conntrack,
+        nat_clash: None,
+        lost_to: None,
+        nat_targets_differ: None,
+        explanation: format!("{} for the test", verdict.name()),
+    }
+}
+
+#[test]
+fn sendmmsg_siblings_answered_make_one_healthy_lookup() {
+    let mut s = Stream::new();
+    let a = s.send(0, 40000, 9, 0x1111, "svc.example", QTYPE_A, true);
+    let aaaa = s.send(20_000, 40000, 9, 0x2222, "svc.example", QTYPE_AAAA, true);
+    s.answer(300_000, 40000, &a, 0, true);
+    assert!(s.done(400_000).is_empty(), "closed before the AAAA answer");
+    s.answer(500_000, 40000, &aaaa, 0, true);
+    assert!(s.done(50 * MS).is_empty(), "a late query may still join");
+    let done = s.done(200 * MS);
+    assert_eq!(done.len(), 1);
+    let l = &done[0];
+    assert_eq!(l.outcome, Outcome::Answered);
+    assert_eq!(l.name, "svc.example");
+    assert_eq!(
+        l.siblings,
+        Some(Siblings {
+            how: "sendmmsg",
+            gap_ns: 20_000
+        })
+    );
+    assert_eq!(l.latency_ns, 500_000);
+    assert_eq!(l.retries, 0);
+    assert!(!l.problem);
+    assert_eq!(
+        l.queries[0].answer.as_ref().unwrap().answers,
+        vec!["10.77.0.99"]
+    );
+    assert_eq!(
+        l.queries[1].answer.as_ref().unwrap().answers,
+        vec!["fd77::99"]
+    );
+    assert_eq!(s.c.open_lookups(), 0);
+    assert_eq!(s.c.stats.lookups, 1);
+}
+
+#[test]
+fn a_sibling_that_leaves_after_the_first_answer_still_joins() {
+    // Seen with glibc on veth: the A answer is delivered inside sendmmsg, before the
+    // AAAA of the same batch leaves.
+    let mut s = Stream::new();
+    let a = s.send(0, 40000, 9, 1, "svc.example", QTYPE_A, true);
+    s.answer(100_000, 40000, &a, 0, true);
+    let aaaa = s.send(110_000, 40000, 9, 2, "svc.example", QTYPE_AAAA, true);
+    s.answer(150_000, 40000, &aaaa, 0, true);
+    let done = s.done(200 * MS);
+    assert_eq!(done.len(), 1, "{done:#?}");
+    assert_eq!(done[0].queries.len(), 2);
+    assert_eq!(done[0].siblings.as_ref().unwrap().how, "sendmmsg");
+    assert_eq!(done[0].latency_ns, 150_000);
+}
+
+#[test]
+fn aaaa_lost_to_the_snat_race_then_retried_after_the_timeout() {
+    let mut s = Stream::new();
+    let a = s.send(0, 40000, 9, 0x1111, "svc.example", QTYPE_A, false);
+    let aaaa = s.send(10_000, 40000, 9, 0x2222, "svc.example", QTYPE_AAAA, false);
+    let who = s.drop_query(30_000, 40000, &aaaa, Verdict::SnatPortClash, true);
+    assert_eq!(
+        who.unwrap().label(),
+        workload().label(),
+        "the finding names the sender"
+    );
+    s.answer(200_000, 40000, &a, 0, true);
+    assert!(s.done(S).is_empty());
+    // glibc resends on the same socket with the same id after 5 s.
+    let aaaa2 = s.send(
+        5 * S + 10_000,
+        40000,
+        9,
+        0x2222,
+        "svc.example",
+        QTYPE_AAAA,
+        false,
+    );
+    s.answer(5 * S + 400_000, 40000, &aaaa2, 0, true);
+    let done = s.done(6 * S);
+    assert_eq!(done.len(), 1);
+    let l = &done[0];
+    assert_eq!(l.outcome, Outcome::Answered);
+    assert_eq!(l.retries, 1);
+    assert_eq!(l.siblings.as_ref().unwrap().how, "same-socket");
+    assert_eq!(l.latency_ns, 5 * S + 400_000);
+    let first = &l.queries[1];
+    assert_eq!((first.qtype.as_str(), first.attempt), ("AAAA", 1));
+    let fate = first.fate.as_ref().expect("the drop is on AAAA #1");
+    assert_eq!(fate.verdict, Verdict::SnatPortClash);
+    assert!(fate.lost && !fate.reply);
+    assert_eq!(
+        fate.nat_from,
+        Some(SocketAddr::from(([192, 168, 0, 1], 40000)))
+    );
+    assert!(first.unanswered && first.answer.is_none());
+    let retry = &l.queries[2];
+    assert_eq!((retry.attempt, retry.fate.is_none()), (2, true));
+    assert!(
+        retry.answer.is_some(),
+        "the answer belongs to the retry, not the lost try"
+    );
+    assert!(l.problem);
+    assert_eq!(
+        l.cause,
+        "AAAA lost the SNAT port race on the node (insert failed), getent retried after 5.0 s"
+    );
+    assert_eq!(l.verdicts(), vec![Verdict::SnatPortClash]);
+}
+
+#[test]
+fn glibc_resending_both_types_from_a_new_socket_is_one_retry_of_the_lookup() {
+    // Measured with getent: A answered, AAAA dropped; after the timeout glibc sends A and
+    // AAAA again from a new socket.
+    let mut s = Stream::new();
+    let a = s.send(0, 40000, 9, 1, "svc.example", QTYPE_A, true);
+    let aaaa = s.send(10_000, 40000, 9, 2, "svc.example", QTYPE_AAAA, true);
+    s.drop_query(11_000, 40000, &aaaa, Verdict::RulesetDrop, false);
+    s.answer(200_000, 40000, &a, 0, true);
+    let a2 = s.send(2 * S, 40001, 10, 3, "svc.example", QTYPE_A, true);
+    let aaaa2 = s.send(
+        2 * S + 10_000,
+        40001,
+        10,
+        4,
+        "svc.example",
+        QTYPE_AAAA,
+        true,
+    );
+    s.answer(2 * S + 100_000, 40001, &a2, 0, true);
+    s.answer(2 * S + 200_000, 40001, &aaaa2, 0, true);
+    let done = s.done(3 * S);
+    assert_eq!(done.len(), 1, "{done:#?}");
+    let l = &done[0];
+    assert_eq!(l.queries.len(), 4);
+    assert_eq!(l.retries, 1);
+    assert_eq!(l.latency_ns, 2 * S + 200_000);
+    assert_eq!(l.outcome, Outcome::Answered);
+    assert_eq!(
+        l.cause,
+        "AAAA was dropped by a firewall rule on the node, getent retried after 2.0 s"
+    );
+}
+
+#[test]
+fn a_drop_reported_before_its_query_is_matched_when_the_query_arrives() {
+    let mut s = Stream::new();
+    let aaaa = dns_query(0x2222, "svc.example", QTYPE_AAAA).unwrap();
+    // The drop came from another CPU and was read first.
+    assert!(s
+        .drop_query(30_000, 40000, &aaaa, Verdict::InsertClashDropped, false)
+        .is_none());
+    let a = s.send(0, 40000, 9, 0x1111, "svc.example", QTYPE_A, true);
+    s.send(10_000, 40000, 9, 0x2222, "svc.example", QTYPE_AAAA, true);
+    s.answer(100_000, 40000, &a, 0, true);
+    let l = s.c.flush_one(20 * S);
+    let fate = l.queries[1].fate.as_ref().expect("pending fate attached");
+    assert_eq!(fate.verdict, Verdict::InsertClashDropped);
+    assert_eq!(
+        fate.nat_to,
+        Some(backend()),
+        "the DNAT target from the entry's reply tuple"
+    );
+    assert!(
+        l.queries[0].fate.is_none(),
+        "the A query (other id) has no fate"
+    );
+    assert_eq!(l.outcome, Outcome::Unanswered);
+    assert!(
+        l.cause
+            .starts_with("AAAA lost the conntrack insert race on the node"),
+        "{}",
+        l.cause
+    );
+    assert_eq!(s.c.stats.unmatched_fates, 0);
+}
+
+#[test]
+fn a_fate_that_never_finds_its_query_expires() {
+    let mut s = Stream::new();
+    let q = dns_query(0x3333, "other.example", QTYPE_A).unwrap();
+    assert!(s
+        .drop_query(S, 41000, &q, Verdict::TableFull, true)
+        .is_none());
+    s.c.tick(S + 1);
+    assert_eq!(s.c.stats.unmatched_fates, 0);
+    s.c.tick(S + s.c.config().fate_window_ns);
+    assert_eq!(s.c.stats.unmatched_fates, 1);
+}
+
+#[test]
+fn no_answer_and_no_drop_is_unanswered_upstream() {
+    let mut s = Stream::new();
+    s.send(0, 40000, 9, 0x1111, "svc.example", QTYPE_A, false);
+    assert!(s.done(4 * S).is_empty());
+    let done = s.done(13 * S);
+    assert_eq!(done.len(), 1);
+    let l = &done[0];
+    assert_eq!(l.outcome, Outcome::Unanswered);
+    assert!(l.queries[0].unanswered);
+    assert_eq!(
+        l.latency_ns,
+        5 * S,
+        "the resolver gives up one timeout after its last try"
+    );
+    assert!(
+        l.cause.contains("no drop was seen on this node"),
+        "{}",
+        l.cause
+    );
+    assert!(l.problem);
+}
+
+#[test]
+fn search_expansions_belong_to_one_lookup() {
+    let mut s = Stream::new();
+    let names = [
+        "web.default.svc.cluster.local",
+        "web.svc.cluster.local",
+        "web",
+    ];
+    let mut t = 0;
+    for (i, name) in names.iter().enumerate() {
+        let id = 0x100 * (i as u16 + 1);
+        let a = s.send(t, 40000 + i as u16, 9 + i as u64, id, name, QTYPE_A, true);
+        let aaaa = s.send(
+            t + 1000,
+            40000 + i as u16,
+            9 + i as u64,
+            id + 1,
+            name,
+            QTYPE_AAAA,
+            true,
+        );
+        let last = i == names.len() - 1;
+        s.answer(
+            t + 200_000,
+            40000 + i as u16,
+            &a,
+            if last { 0 } else { 3 },
+            last,
+        );
+        s.answer(
+            t + 300_000,
+            40000 + i as u16,
+            &aaaa,
+            if last { 0 } else { 3 },
+            last,
+        );
+        t += 400_000;
+        if !last {
+            assert!(s.done(t - 50_000).is_empty(), "closed between expansions");
+        }
+    }
+    let done = s.done(t + 200 * MS);
+    assert_eq!(done.len(), 1, "{done:#?}");
+    let l = &done[0];
+    assert_eq!(l.queries.len(), 6);
+    assert_eq!(l.name, names[0]);
+    assert_eq!(l.outcome, Outcome::Answered);
+    assert_eq!(l.retries, 0);
+}
+
+#[test]
+fn a_negative_answer_closes_after_the_settle_time() {
+    let mut s = Stream::new();
+    let a = s.send(0, 40000, 9, 1, "nope.example", QTYPE_A, false);
+    s.answer(1000, 40000, &a, 3, false);
+    assert!(s.done(50 * MS).is_empty());
+    let done = s.done(200 * MS);
+    assert_eq!(done[0].outcome, Outcome::Negative);
+    assert_eq!(done[0].latency_ns, 1000);
+    assert!(!done[0].problem);
+}
+
+#[test]
+fn servfail_is_an_error_outcome() {
+    let mut s = Stream::new();
+    let a = s.send(0, 40000, 9, 1, "bad.example", QTYPE_A, false);
+    s.answer(1000, 40000, &a, 2, false);
+    let done = s.done(200 * MS);
+    assert_eq!(done[0].outcome, Outcome::Error);
+    assert_eq!(done[0].cause, "the server answered SERVFAIL");
+    assert!(done[0].problem);
+}
+
+#[test]
+fn the_same_name_from_another_socket_at_once_is_another_lookup_not_a_retry() {
+    let mut s = Stream::new();
+    let a1 = s.send(0, 40000, 9, 1, "svc.example", QTYPE_A, false);
+    let a2 = s.send(2 * MS, 40001, 10, 2, "svc.example", QTYPE_A, false);
+    s.answer(3 * MS, 40000, &a1, 0, true);
+    s.answer(4 * MS, 40001, &a2, 0, true);
+    let done = s.done(200 * MS);
+    assert_eq!(done.len(), 2);
+    assert!(done
+        .iter()
+        .all(|l| l.retries == 0 && l.outcome == Outcome::Answered));
+}
+
+#[test]
+fn a_retry_on_a_new_socket_single_request_reopen_joins_the_lookup() {
+    let mut s = Stream::new();
+    s.send(0, 40000, 9, 1, "svc.example", QTYPE_A, false);
+    let a2 = s.send(S, 40002, 11, 7, "svc.example", QTYPE_A, false);
+    s.answer(S + 1000, 40002, &a2, 0, true);
+    let done = s.done(2 * S);
+    assert_eq!(done.len(), 1);
+    assert_eq!(done[0].retries, 1);
+    assert_eq!(done[0].latency_ns, S + 1000);
+    assert!(done[0].queries[0].unanswered);
+    assert_eq!(
+        done[0].cause,
+        "A got no answer and no drop was seen on this node (lost upstream, or the server did not answer), getent retried after 1.0 s"
+    );
+}
+
+#[test]
+fn a_dropped_answer_is_a_reply_fate() {
+    let mut s = Stream::new();
+    let q = s.send(0, 40000, 9, 5, "svc.example", QTYPE_A, false);
+    let r = response(&q, 0, true);
+    let orig = FiveTuple {
+        proto: 17,
+        src: pod_addr(40000),
+        dst: vip(),
+    };
+    let reply = FiveTuple {
+        proto: 17,
+        src: backend(),
+        dst: pod_addr(40000),
+    };
+    let ev = NfDropEvent {
+        ts_ns: 1000,
+        source: "tp_btf/kfree_skb",
+        netns: NODE_NETNS,
+        ifindex: 2,
+        location: 0,
+        reason: 12,
+        verdict: 0,
+        packet: Some(reply),
+        conntrack: Some(Conntrack {
+            status: 0,
+            confirmed: true,
+            orig,
+            reply,
+        }),
+        clash_winner: None,
+        payload_len: r.len() as u32,
+        payload: r[..r.len().min(64)].to_vec(),
+    };
+    let f = finding(
+        Verdict::RulesetDrop,
+        1000,
+        Some(reply),
+        ev.conntrack.clone(),
+    );
+    assert!(s.c.on_packet_finding(&ev, &f).is_some());
+    let l = s.c.flush_one(20 * S);
+    let fate = l.queries[0].fate.as_ref().unwrap();
+    assert!(fate.reply && fate.lost);
+    assert_eq!(
+        l.cause,
+        "A (its answer) was dropped by a firewall rule on the node, and no retry was answered"
+    );
+}
+
+#[test]
+fn a_resolved_clash_seen_only_by_the_counter_is_placed_on_the_pair_in_flight() {
+    let cfg = Config {
+        hold_ns: 1200 * MS,
+        ..Config::default()
+    };
+    let mut s = Stream::with(cfg);
+    s.c.tick(0);
+    let a = s.send(10 * MS, 40000, 9, 1, "svc.example", QTYPE_A, true);
+    let aaaa = s.send(10 * MS + 5000, 40000, 9, 2, "svc.example", QTYPE_AAAA, true);
+    s.answer(11 * MS, 40000, &a, 0, true);
+    s.answer(12 * MS, 40000, &aaaa, 0, true);
+    assert!(
+        s.c.take_done().is_empty(),
+        "held for the next counter reading"
+    );
+    let mut f = finding(Verdict::InsertClashResolved, S, None, None);
+    f.source = "conntrack statistics";
+    s.c.on_counter_finding(&f);
+    let done = s.done(S);
+    assert!(done.is_empty());
+    let done = s.done(2 * S);
+    assert_eq!(done.len(), 1);
+    let l = &done[0];
+    let fate = l.queries[1]
+        .fate
+        .as_ref()
+        .expect("the later sibling gets the clash");
+    assert_eq!(
+        (fate.verdict, fate.attribution, fate.lost),
+        (Verdict::InsertClashResolved, "counter", false)
+    );
+    assert!(l.queries[0].fate.is_none());
+    assert!(l.problem);
+    assert!(
+        l.cause.contains("the kernel resolved the clash"),
+        "{}",
+        l.cause
+    );
+}
+
+#[test]
+fn a_counter_is_not_placed_when_more_pairs_than_clashes_were_in_flight() {
+    let cfg = Config {
+        hold_ns: 1200 * MS,
+        ..Config::default()
+    };
+    let mut s = Stream::with(cfg);
+    s.c.tick(0);
+    for (i, port) in [40000u16, 40001].into_iter().enumerate() {
+        let a = s.send(10 * MS, port, 9 + i as u64, 1, "svc.example", QTYPE_A, true);
+        let aaaa = s.send(
+            10 * MS + 5000,
+            port,
+            9 + i as u64,
+            2,
+            "svc.example",
+            QTYPE_AAAA,
+            true,
+        );
+        s.answer(11 * MS, port, &a, 0, true);
+        s.answer(12 * MS, port, &aaaa, 0, true);
+    }
+    s.c.on_counter_finding(&finding(Verdict::InsertClashResolved, S, None, None));
+    let done = s.done(3 * S);
+    assert_eq!(done.len(), 2);
+    assert!(done
+        .iter()
+        .all(|l| l.queries.iter().all(|q| q.fate.is_none()) && !l.problem));
+}
+
+#[test]
+fn memory_is_bounded_and_shedding_is_counted() {
+    let cfg = Config {
+        max_open: 8,
+        max_pending: 4,
+        ..Config::default()
+    };
+    let mut s = Stream::with(cfg);
+    for i in 0..20u16 {
+        s.pid = 1000 + i as u32;
+        s.send(
+            i as u64 * 1000,
+            40000 + i,
+            i as u64,
+            i,
+            "svc.example",
+            QTYPE_A,
+            false,
+        );
+        assert!(s.c.open_lookups() <= 8);
+    }
+    let shed = s.c.take_done();
+    assert_eq!(shed.len(), 12);
+    assert!(shed.iter().all(|l| l.outcome == Outcome::Shed));
+    assert_eq!(s.c.stats.shed.lookups, 12);
+    for i in 0..10u16 {
+        let q = dns_query(i, "x.example", QTYPE_A).unwrap();
+        s.drop_query(S, 50000 + i, &q, Verdict::TableFull, true);
+    }
+    assert_eq!(s.c.stats.shed.fates, 6);
+}
+
+#[test]
+fn undecodable_payloads_are_counted_not_fatal() {
+    let mut s = Stream::new();
+    let ev = dns_event(0, Some(1), 1, pod_addr(1), vip(), false, vec![0xff; 5]);
+    s.c.on_send(&ev, workload());
+    s.c.on_recv(&ev);
+    assert_eq!(s.c.stats.undecodable, 2);
+    assert_eq!(s.c.open_lookups(), 0);
+}
+
+impl Correlator {
+    /// Flushes and returns the only lookup.
+    fn flush_one(&mut self, now: u64) -> Lookup {
+        self.flush(now);
+        let mut d = self.take_done();
+        assert_eq!(d.len(), 1, "{d:#?}");
+        d.remove(0)
+    }
+}

@@ -1,0 +1,167 @@
+//! The per-pod timeline of a lookup, as text: every query, drop or clash, answer and
+//! silence in time order, and the one-sentence cause.
+
+use std::fmt::Write as _;
+
+use crate::{
+    lookups::{Lookup, Outcome},
+    output::{Clock, Style},
+};
+
+/// `HH:MM:SS.micros` of a monotonic timestamp.
+pub fn clock_time(clock: &Clock, ts_ns: u64) -> String {
+    let t = humantime::format_rfc3339_micros(clock.wall(ts_ns)).to_string();
+    t.get(11..26).unwrap_or(&t).to_string()
+}
+
+fn secs(ns: u64) -> String {
+    format!("{:.3} s", ns as f64 / 1e9)
+}
+
+/// Who sent the lookup: the pod (or host), and the process.
+pub fn who(l: &Lookup) -> String {
+    let proc = match (&l.comm, l.pid) {
+        (Some(c), Some(p)) => format!(" {c}[{p}]"),
+        _ => String::new(),
+    };
+    format!("{}{proc}", l.workload.label())
+}
+
+/// The outcome in a word.
+pub fn outcome_word(l: &Lookup) -> &'static str {
+    match l.outcome {
+        Outcome::Answered => "answered",
+        Outcome::Negative => "negative answer",
+        Outcome::Error => "error answer",
+        Outcome::Unanswered => "unanswered",
+        Outcome::Shed => "shed",
+    }
+}
+
+/// The timeline, several lines, ending with a newline.
+pub fn render(l: &Lookup, clock: &Clock, style: Style) -> String {
+    let mut rows: Vec<(u64, u8, String)> = Vec::new();
+    for q in &l.queries {
+        let label = format!("{:<5} #{}", q.qtype, q.attempt);
+        let mut how = Vec::new();
+        if q.batch {
+            how.push("sendmmsg".to_string());
+        }
+        if q.attempt > 1 {
+            let prev = l
+                .queries
+                .iter()
+                .find(|p| p.qname == q.qname && p.qtype == q.qtype && p.attempt + 1 == q.attempt);
+            if let Some(p) = prev {
+                how.push(style.yellow(&format!(
+                    "retry after {}",
+                    secs(q.ts_ns - p.ts_ns.min(q.ts_ns))
+                )));
+            }
+        }
+        let how = if how.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", how.join(", "))
+        };
+        let name = if q.qname != l.name {
+            format!(" {}", q.qname)
+        } else {
+            String::new()
+        };
+        rows.push((
+            q.ts_ns,
+            0,
+            format!(
+                "{label} sent  id {:#06x} {} -> {}{name}{how}",
+                q.id, q.src, q.server
+            ),
+        ));
+        if let Some(f) = &q.fate {
+            let nat = match (f.nat_from, f.nat_to) {
+                (Some(from), Some(to)) => format!(", NATed {from} -> {to}"),
+                (None, Some(to)) => format!(", DNAT to {to}"),
+                (Some(from), None) => format!(", SNAT from {from}"),
+                (None, None) => String::new(),
+            };
+            let head = if f.lost {
+                style.red(&format!("DROPPED {}", f.verdict.name()))
+            } else {
+                style.yellow(f.verdict.name())
+            };
+            let whose = if f.reply { " (the answer)" } else { "" };
+            let by = if f.attribution == "counter" {
+                " [counter]"
+            } else {
+                ""
+            };
+            rows.push((
+                f.ts_ns,
+                1,
+                format!(
+                    "{label} {head}{whose} in netns {}{nat}: {}{by}",
+                    f.netns, f.explanation
+                ),
+            ));
+        }
+        match &q.answer {
+            Some(a) => {
+                let data = if a.answers.is_empty() {
+                    String::new()
+                } else {
+                    format!(" {}", a.answers.join(" "))
+                };
+                let tc = if a.truncated { " TC" } else { "" };
+                let rcode = if a.rcode == "NOERROR" {
+                    style.green(&a.rcode)
+                } else {
+                    style.yellow(&a.rcode)
+                };
+                rows.push((a.ts_ns, 2, format!("{label} answer {rcode}{tc}{data}")));
+            }
+            None if q.unanswered => {
+                let next = l.queries.iter().find(|r| {
+                    r.qname == q.qname && r.qtype == q.qtype && r.attempt == q.attempt + 1
+                });
+                let silent_until = next.map(|r| r.ts_ns).unwrap_or(l.end_ns);
+                rows.push((
+                    silent_until.saturating_sub(1),
+                    3,
+                    style.red(&format!(
+                        "{label} no answer ({} of silence)",
+                        secs(silent_until.saturating_sub(q.ts_ns))
+                    )),
+                ));
+            }
+            None => {}
+        }
+    }
+    rows.sort_by_key(|(ts, order, _)| (*ts, *order));
+
+    let mut out = String::new();
+    let sib = match &l.siblings {
+        Some(s) => format!(", A/AAAA siblings via {}", s.how),
+        None => String::new(),
+    };
+    let latency = if l.latency_ns >= 1_000_000_000 {
+        style.red(&secs(l.latency_ns))
+    } else {
+        secs(l.latency_ns)
+    };
+    let _ = writeln!(
+        out,
+        "{} {} {} {} -> {}: {latency}, {}{sib}",
+        style.dim(&clock_time(clock, l.start_ns)),
+        style.bold("LOOKUP"),
+        who(l),
+        l.name,
+        l.server,
+        outcome_word(l),
+    );
+    for (ts, _, text) in rows {
+        let off = format!("+{:>10.6}", ts.saturating_sub(l.start_ns) as f64 / 1e9);
+        let _ = writeln!(out, "  {} {text}", style.dim(&off));
+    }
+    let _ = writeln!(out, "  => {}", style.bold(&l.cause));
+    out
+}
