@@ -47,7 +47,12 @@ fn cleanup_on_signal(prefix: &'static str) -> anyhow::Result<()> {
                 if libc::sigwait(&set, &mut sig) == 0 {
                     eprintln!("lab: signal {sig}: removing the lab's namespaces");
                     let removed = crate::netns::remove_own(prefix);
-                    eprintln!("lab: removed {} namespaces", removed.len());
+                    let cgroups = crate::lab::kubepods::remove_own();
+                    eprintln!(
+                        "lab: removed {} namespaces and {} pod cgroup trees",
+                        removed.len(),
+                        cgroups.len()
+                    );
                     std::process::exit(128 + sig);
                 }
             })?;
@@ -84,6 +89,8 @@ pub fn lab(cmd: &cli::LabCmd) -> anyhow::Result<()> {
         leftovers.is_empty(),
         "namespaces left behind: {leftovers:?}"
     );
+    let cgroups = crate::lab::kubepods::leftovers();
+    anyhow::ensure!(cgroups.is_empty(), "pod cgroups left behind: {cgroups:?}");
     anyhow::ensure!(
         report.all_checks_ok(),
         "verdicts and kernel counters disagree (see the checks above)"

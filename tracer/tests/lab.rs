@@ -70,6 +70,8 @@ fn assert_no_leftovers_but(programs: bool) {
         })
         .unwrap_or_default();
     assert!(etc.is_empty(), "/etc/netns entries left: {etc:?}");
+    let cgroups = tracer::lab::kubepods::leftovers();
+    assert!(cgroups.is_empty(), "pod cgroup trees left: {cgroups:?}");
     // No process that ran in or for a lab namespace (dnsmasq, clients), no temp dir.
     let procs: Vec<String> = std::fs::read_dir("/proc")
         .unwrap()
@@ -293,6 +295,89 @@ fn dns_race_with_glibc_and_musl_clients_does_not_race_here() {
         // A and AAAA per lookup, through the VIP, each answered.
         assert_eq!(r["events"]["dns_send"], 6, "{client}: {r:#}");
         assert_eq!(r["events"]["dns_recv"], 6, "{client}: {r:#}");
+    }
+}
+
+/// The lookups of a lab report.
+fn lookups(report: &Value) -> &Vec<Value> {
+    report["lookups"]["list"]
+        .as_array()
+        .expect("lookups in the report")
+}
+
+fn secs(ns: &Value) -> f64 {
+    ns.as_u64().expect("nanoseconds") as f64 / 1e9
+}
+
+#[test]
+fn glibc_and_musl_lookups_are_one_each_with_their_pod_and_sibling_pattern() {
+    for (client, siblings) in [("glibc", "sendmmsg"), ("musl", "same-socket")] {
+        let r = lab(&["dns-race", "--rounds", "3", "--client", client]);
+        let list = lookups(&r);
+        assert_eq!(list.len(), 3, "{client}: one lookup per call: {r:#}");
+        for l in list {
+            // The pod comes from the kubelet-style cgroup of the client and /var/log/pods.
+            assert_eq!(l["workload"]["namespace"], "ctlab", "{client}: {l:#}");
+            assert_eq!(l["workload"]["pod"], "client-0", "{client}: {l:#}");
+            assert_eq!(l["workload"]["kind"], "pod");
+            assert_eq!(l["name"], "svc.lab.example");
+            assert_eq!(l["outcome"], "answered", "{client}: {l:#}");
+            assert_eq!(l["siblings"]["how"], siblings, "{client}: {l:#}");
+            assert_eq!(l["retries"], 0);
+            assert_eq!(l["problem"], false, "{client}: {l:#}");
+            assert!(secs(&l["latency_ns"]) < 1.0, "{client}: {l:#}");
+            let q = l["queries"].as_array().unwrap();
+            let types: Vec<&str> = q.iter().map(|q| q["qtype"].as_str().unwrap()).collect();
+            assert_eq!(types, ["A", "AAAA"], "{client}");
+            assert_eq!(q[0]["src"], q[1]["src"], "{client}: one socket");
+            assert_eq!(q[0]["answer"]["answers"][0], "10.96.1.1");
+            assert_eq!(q[1]["answer"]["answers"][0], "fd96::1");
+        }
+    }
+}
+
+#[test]
+fn a_lost_aaaa_shows_as_the_resolvers_retry_after_its_timeout() {
+    // The lab's resolv.conf says `timeout:2`; a rule on the node drops each lookup's
+    // first AAAA, so glibc waits 2 s and sends again.
+    let r = lab(&[
+        "dns-race",
+        "--rounds",
+        "2",
+        "--client",
+        "glibc",
+        "--lose-first-aaaa",
+    ]);
+    assert_eq!(r["failed"], 0, "{r:#}");
+    assert_eq!(verdict(&r, "ruleset-drop"), 2, "{r:#}");
+    let list = lookups(&r);
+    assert_eq!(list.len(), 2, "the retry belongs to its lookup: {r:#}");
+    for l in list {
+        assert_eq!(l["workload"]["pod"], "client-0");
+        assert_eq!(l["outcome"], "answered", "{l:#}");
+        assert_eq!(l["problem"], true);
+        assert_eq!(l["retries"], 1, "{l:#}");
+        let latency = secs(&l["latency_ns"]);
+        assert!((2.0..2.5).contains(&latency), "latency {latency} s: {l:#}");
+        let q = l["queries"].as_array().unwrap();
+        let lost: Vec<&Value> = q.iter().filter(|q| !q["fate"].is_null()).collect();
+        assert_eq!(lost.len(), 1, "{l:#}");
+        assert_eq!(lost[0]["qtype"], "AAAA");
+        assert_eq!(lost[0]["attempt"], 1);
+        assert_eq!(lost[0]["unanswered"], true);
+        assert_eq!(lost[0]["fate"]["verdict"], "ruleset-drop");
+        assert_eq!(lost[0]["fate"]["lost"], true);
+        assert_eq!(lost[0]["fate"]["attribution"], "packet");
+        let retry = q
+            .iter()
+            .find(|x| x["qtype"] == "AAAA" && x["attempt"] == 2)
+            .expect("the AAAA retry");
+        assert_eq!(retry["id"], lost[0]["id"], "glibc resends the same query");
+        assert!(retry["answer"]["rcode"] == "NOERROR", "{l:#}");
+        assert_eq!(
+            l["cause"],
+            "AAAA was dropped by a firewall rule on the node, getent retried after 2.0 s"
+        );
     }
 }
 

@@ -1,5 +1,6 @@
-//! The tracer running inside `tracer lab`: the same session, decoder and classifier as
-//! `tracer watch`, on a thread, with the lab's namespaces tracked from the start.
+//! The tracer running inside `tracer lab`: the same session and pipeline (decode, pods,
+//! classifier, lookups) as `tracer watch`, on a thread, with the lab's namespaces tracked
+//! from the start.
 
 use std::{
     path::PathBuf,
@@ -8,18 +9,21 @@ use std::{
         mpsc, Arc,
     },
     thread::{self, JoinHandle},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use anyhow::Context as _;
 
 use crate::{
     ctstats::CpuStats,
-    events::{self, Event},
+    events::Event,
     explain::Explainer,
     kallsyms::Symbols,
+    lookups::{self, Lookup},
     output::monotonic_ns,
+    pipeline::{Item, Pipeline},
     plan::PlanReport,
+    pods::{NodePaths, PodIndex, Workload},
     session::{Options, Session},
     verdict::Finding,
 };
@@ -29,6 +33,10 @@ use crate::{
 pub struct Collected {
     pub events: Vec<Event>,
     pub findings: Vec<Finding>,
+    /// Finished lookups, with the pod that sent each.
+    pub lookups: Vec<Lookup>,
+    /// The pod of each finding that hit a query, in `findings` order.
+    pub finding_pods: Vec<Option<std::sync::Arc<Workload>>>,
     pub lost: u64,
     pub decode_errors: u64,
     /// Counter deltas per netns inode, from the baselines taken before the traffic.
@@ -41,8 +49,11 @@ pub struct Collector {
     handle: Option<JoinHandle<anyhow::Result<Collected>>>,
 }
 
-/// Callback for each event and finding as it happens (the lab's live stream).
-pub type Live = Box<dyn FnMut(&Event, Option<&Finding>) + Send>;
+/// Callback for each event, finding and lookup as it happens (the lab's live stream).
+pub type Live = Box<dyn FnMut(Item<'_>) + Send>;
+
+/// How often the lab's tracer reads the counters, like `tracer watch`.
+const POLL_EVERY: Duration = Duration::from_secs(1);
 
 impl Collector {
     /// Loads the programs and starts collecting; returns once every program is attached
@@ -50,6 +61,8 @@ impl Collector {
     pub fn start(
         opts: Options,
         track: Vec<PathBuf>,
+        node: NodePaths,
+        lookups: lookups::Config,
         mut live: Option<Live>,
     ) -> anyhow::Result<Collector> {
         let stop = Arc::new(AtomicBool::new(false));
@@ -74,7 +87,7 @@ impl Collector {
                     }
                     Ok((session, ring, explainer))
                 })();
-                let (session, mut ring, mut explainer) = match setup {
+                let (session, mut ring, explainer) = match setup {
                     Ok(v) => {
                         let _ = ready_tx.send(Ok(()));
                         v
@@ -84,40 +97,53 @@ impl Collector {
                         return Err(e);
                     }
                 };
-                let symbols = Symbols::new("/proc/kallsyms");
+                let mut pipeline = Pipeline::new(
+                    explainer,
+                    PodIndex::new(node),
+                    lookups,
+                    Symbols::new("/proc/kallsyms"),
+                );
                 let mut out = Collected {
                     plan: Some(session.plan.clone()),
                     ..Collected::default()
                 };
+                let mut sink = |item: Item<'_>| -> Result<(), std::convert::Infallible> {
+                    match &item {
+                        Item::Event { ev, .. } => out.events.push((*ev).clone()),
+                        Item::Finding { finding, workload } => {
+                            out.findings.push((*finding).clone());
+                            out.finding_pods.push(workload.clone());
+                        }
+                        Item::Lookup(l) => out.lookups.push((*l).clone()),
+                    }
+                    if let Some(cb) = live.as_mut() {
+                        cb(item);
+                    }
+                    Ok(())
+                };
+                let mut next_poll = Instant::now() + POLL_EVERY;
+                let mut decode_errors = 0;
                 loop {
                     // Read the flag before draining, so everything submitted before stop is read.
                     let stopping = stop2.load(Ordering::Acquire);
                     while let Some(item) = ring.next() {
-                        match events::decode(&item) {
-                            Ok(ev) => {
-                                let finding = match &ev {
-                                    Event::NfDrop(d) => {
-                                        let sym = symbols.resolve(d.location);
-                                        explainer.drop_event(d, &sym)
-                                    }
-                                    Event::CtClash(c) => explainer.clash_event(c),
-                                    _ => None,
-                                };
-                                if let Some(cb) = live.as_mut() {
-                                    cb(&ev, finding.as_ref());
-                                }
-                                out.findings.extend(finding);
-                                out.events.push(ev);
-                            }
-                            Err(_) => out.decode_errors += 1,
+                        let Ok(r) = pipeline.record(&item, &mut sink);
+                        if r.is_err() {
+                            decode_errors += 1;
                         }
                     }
                     if stopping {
                         break;
                     }
+                    if Instant::now() >= next_poll {
+                        let Ok(()) = pipeline.poll(monotonic_ns(), &mut sink);
+                        next_poll = Instant::now() + POLL_EVERY;
+                    }
                     thread::sleep(Duration::from_millis(5));
                 }
-                out.findings.extend(explainer.poll(monotonic_ns()));
+                let Ok(()) = pipeline.finish(monotonic_ns(), &mut sink);
+                out.decode_errors = decode_errors;
+                let explainer = &pipeline.explainer;
                 out.deltas = explainer.deltas();
                 out.lost = session.lost_per_cpu()?.iter().sum();
                 Ok(out)

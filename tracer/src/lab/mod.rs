@@ -3,6 +3,7 @@
 //! matched by the kernel's own counters.
 
 pub mod collect;
+pub mod kubepods;
 pub mod topology;
 
 use std::{
@@ -18,12 +19,17 @@ use serde::Serialize;
 use crate::{
     ctstats::CpuStats,
     events::Event,
+    lookups::{self, Lookup},
     output::Printer,
+    pipeline::Item,
     session::Options,
     traffic::{self, Proto},
     verdict::{Finding, Verdict},
 };
 pub use topology::{Cluster, Rules};
+
+use crate::pods::{QosClass, Runtime};
+use kubepods::{LabPodCgroups, Layout, PodSpec};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
@@ -82,6 +88,10 @@ pub struct LabArgs {
     pub source_port: SourcePort,
     pub client: DnsClient,
     pub pods: usize,
+    /// snat-race with DNS lookups instead of echo datagrams.
+    pub dns: bool,
+    /// dns-race: drop the first AAAA of every lookup with a rule on the node.
+    pub lose_first_aaaa: bool,
     pub session: Options,
 }
 
@@ -119,9 +129,59 @@ pub struct LabReport {
     pub namespaces: Vec<NamespaceReport>,
     pub checks: Vec<Check>,
     pub events: BTreeMap<&'static str, u64>,
+    /// The DNS lookups the tracer put together from the pods' queries.
+    pub lookups: LookupsReport,
     pub tracer_lost: u64,
     pub decode_errors: u64,
     pub seconds: f64,
+}
+
+/// The lookups of a lab run, tallied, and every one of them.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct LookupsReport {
+    pub total: u64,
+    pub problems: u64,
+    pub by_outcome: BTreeMap<String, u64>,
+    /// Verdicts on the lookups' queries (one per query with a fate).
+    pub by_verdict: BTreeMap<&'static str, u64>,
+    /// Lookups per pod label.
+    pub by_pod: BTreeMap<String, u64>,
+    /// How the A/AAAA siblings left (`sendmmsg`, `same-socket`, `two-sockets`).
+    pub siblings: BTreeMap<&'static str, u64>,
+    pub retries: u64,
+    /// Packet findings on conntrack's path in the lab's namespaces that matched no query.
+    pub unmatched_drops: u64,
+    pub list: Vec<Lookup>,
+}
+
+impl LookupsReport {
+    pub fn new(lookups: &[Lookup], unmatched_drops: u64) -> LookupsReport {
+        let mut r = LookupsReport {
+            unmatched_drops,
+            ..LookupsReport::default()
+        };
+        for l in lookups {
+            r.total += 1;
+            r.problems += l.problem as u64;
+            let outcome = serde_json::to_value(l.outcome)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_string))
+                .unwrap_or_default();
+            *r.by_outcome.entry(outcome).or_default() += 1;
+            *r.by_pod.entry(l.workload.label()).or_default() += 1;
+            if let Some(s) = &l.siblings {
+                *r.siblings.entry(s.how).or_default() += 1;
+            }
+            r.retries += l.retries as u64;
+            for q in &l.queries {
+                if let Some(f) = &q.fate {
+                    *r.by_verdict.entry(f.verdict.name()).or_default() += 1;
+                }
+            }
+        }
+        r.list = lookups.to_vec();
+        r
+    }
 }
 
 impl LabReport {
@@ -182,6 +242,36 @@ impl LabReport {
             .filter(|c| c.ok && c.verdicts == 0 && c.counter == 0)
             .count();
         s += &format!("  ({quiet} other checks: 0 verdicts = 0 in the counters)\n");
+        let l = &self.lookups;
+        if l.total > 0 {
+            let tally = |m: &BTreeMap<String, u64>| {
+                m.iter()
+                    .map(|(k, v)| format!("{k} {v}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
+            s += &format!(
+                "  lookups: {} ({}), {} with a problem, {} retries; pods: {}\n",
+                l.total,
+                tally(&l.by_outcome),
+                l.problems,
+                l.retries,
+                tally(&l.by_pod)
+            );
+            if !l.by_verdict.is_empty() || !l.siblings.is_empty() {
+                let v: Vec<String> = l
+                    .by_verdict
+                    .iter()
+                    .map(|(k, v)| format!("{k} {v}"))
+                    .collect();
+                let sib: Vec<String> = l.siblings.iter().map(|(k, v)| format!("{k} {v}")).collect();
+                s += &format!(
+                    "  lookups: query verdicts [{}], siblings [{}]\n",
+                    v.join(", "),
+                    sib.join(", ")
+                );
+            }
+        }
         s += &format!(
             "  tracer: {} events, {} lost, {} undecodable; {:.1} s\n",
             self.events.values().sum::<u64>(),
@@ -278,7 +368,12 @@ pub fn run(args: &LabArgs, live: Option<collect::Live>) -> anyhow::Result<LabRep
         }
     };
     match args.scenario {
-        Scenario::DnsRace => cluster.dns_service(args.rules)?,
+        Scenario::DnsRace => {
+            cluster.dns_service(args.rules)?;
+            if args.lose_first_aaaa {
+                cluster.node.nft(&lose_first_aaaa_rule())?;
+            }
+        }
         Scenario::SnatRace => cluster.masquerade(args.rules, fully_random)?,
         Scenario::TableFull | Scenario::EarlyDrop => {
             cluster.masquerade(args.rules, false)?;
@@ -302,8 +397,17 @@ pub fn run(args: &LabArgs, live: Option<collect::Live>) -> anyhow::Result<LabRep
         _ => None,
     };
     let paths: Vec<PathBuf> = cluster.namespaces().iter().map(|(_, n)| n.path()).collect();
-    let collector = collect::Collector::start(args.session.clone(), paths, live)?;
-    let outcome = drive(args, &cluster, fully_random, filled)?;
+    // The pods' processes run in cgroups laid out as kubelet does, with the names the
+    // tracer reads from /var/log/pods under a node root of the lab's own.
+    let kube = LabPodCgroups::create(&pod_specs(cluster.pods.len()))?;
+    let collector = collect::Collector::start(
+        args.session.clone(),
+        paths,
+        kube.node_paths(),
+        lookup_config(),
+        live,
+    )?;
+    let outcome = drive(args, &cluster, &kube, fully_random, filled)?;
     let collected = collector.finish()?;
 
     let mut namespaces = Vec::new();
@@ -313,6 +417,20 @@ pub fn run(args: &LabArgs, live: Option<collect::Live>) -> anyhow::Result<LabRep
         let counters = collected.deltas.get(&netns).cloned().unwrap_or_default();
         let verdicts = count_verdicts(&collected.findings, netns);
         all_checks.extend(checks(&role, &counters, &verdicts));
+        if role == "node" && args.lose_first_aaaa && args.scenario == Scenario::DnsRace {
+            let rule = lose_rule_counter(&cluster)?;
+            let named = verdicts
+                .get(Verdict::RulesetDrop.name())
+                .copied()
+                .unwrap_or(0);
+            all_checks.push(Check {
+                namespace: role.clone(),
+                what: "ruleset-drop = the AAAA drop rule's counter",
+                verdicts: named,
+                counter: rule,
+                ok: named == rule,
+            });
+        }
         namespaces.push(NamespaceReport {
             role,
             name: ns.name().to_string(),
@@ -334,6 +452,27 @@ pub fn run(args: &LabArgs, live: Option<collect::Live>) -> anyhow::Result<LabRep
             *events.entry(k).or_default() += 1;
         }
     }
+    let lab_ns: Vec<u32> = namespaces.iter().map(|n| n.netns).collect();
+    let lookups: Vec<Lookup> = collected
+        .lookups
+        .iter()
+        .filter(|l| lab_ns.contains(&l.netns))
+        .cloned()
+        .collect();
+    let unmatched_drops = collected
+        .findings
+        .iter()
+        .zip(&collected.finding_pods)
+        .filter(|(f, pod)| {
+            let dns = f
+                .conntrack
+                .as_ref()
+                .map(|c| c.orig)
+                .or(f.packet)
+                .is_some_and(|t| t.dst.port() == 53);
+            pod.is_none() && dns && lab_ns.contains(&f.netns)
+        })
+        .count() as u64;
     let report = LabReport {
         scenario: args.scenario,
         rules: args.rules,
@@ -351,12 +490,58 @@ pub fn run(args: &LabArgs, live: Option<collect::Live>) -> anyhow::Result<LabRep
         namespaces,
         checks: all_checks,
         events,
+        lookups: LookupsReport::new(&lookups, unmatched_drops),
         tracer_lost: collected.lost,
         decode_errors: collected.decode_errors,
         seconds: started.elapsed().as_secs_f64(),
     };
     drop(cluster);
     Ok(report)
+}
+
+/// Table and chain of the `--lose-first-aaaa` rule.
+const LOSE_TABLE: &str = "labloss";
+
+/// Drops every other AAAA query for [`topology::LAB_NAME`] in the node's forward hook
+/// (after the DNAT), i.e. the first try of every lookup when each lookup sends one AAAA and
+/// retries it once. The qtype sits right after the question name: UDP header (8) + DNS
+/// header (12) + the name in wire format.
+fn lose_first_aaaa_rule() -> String {
+    let wire_len: usize = topology::LAB_NAME
+        .split('.')
+        .map(|l| l.len() + 1)
+        .sum::<usize>()
+        + 1;
+    let qtype_bits = (8 + 12 + wire_len) * 8;
+    format!(
+        "table ip {LOSE_TABLE} {{\n  chain forward_dns {{\n    type filter hook forward priority 0; policy accept;\n    \
+         udp dport 53 @th,{qtype_bits},16 0x001c numgen inc mod 2 0 counter drop\n  }}\n}}\n"
+    )
+}
+
+/// Packets the `--lose-first-aaaa` rule dropped, from its own counter.
+fn lose_rule_counter(cluster: &Cluster) -> anyhow::Result<u64> {
+    let out = cluster
+        .node
+        .run_stdout(["nft", "list", "table", "ip", LOSE_TABLE])?;
+    let n = out
+        .split_whitespace()
+        .skip_while(|w| *w != "packets")
+        .nth(1)
+        .and_then(|n| n.parse().ok())
+        .context("no packet counter in the drop rule")?;
+    Ok(n)
+}
+
+/// The correlator as the lab's clients behave: they give up on an answer after
+/// [`DNS_TIMEOUT`]; finished lookups wait for the next counter reading.
+fn lookup_config() -> lookups::Config {
+    lookups::Config {
+        timeout_ns: DNS_TIMEOUT.as_nanos() as u64,
+        idle_ns: 3 * DNS_TIMEOUT.as_nanos() as u64,
+        hold_ns: 1_200_000_000,
+        ..lookups::Config::default()
+    }
 }
 
 /// How long a UDP answer may take on these veth links before it counts as lost.
@@ -366,9 +551,43 @@ const TCP_TIMEOUT: Duration = Duration::from_millis(1500);
 /// glibc and the racing client wait this long for a DNS answer.
 const DNS_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// The lab's pods: namespace `ctlab`, names `client-N`, every kubelet layout in turn
+/// (systemd + containerd, cgroupfs + containerd, systemd + CRI-O).
+pub fn pod_specs(n: usize) -> Vec<PodSpec> {
+    (0..n)
+        .map(|i| {
+            let name = format!("client-{i}");
+            match i % 3 {
+                0 => PodSpec::new(POD_NAMESPACE, &name, Layout::Systemd),
+                1 => PodSpec::new(POD_NAMESPACE, &name, Layout::Cgroupfs).qos(QosClass::Burstable),
+                _ => PodSpec::new(POD_NAMESPACE, &name, Layout::Systemd).runtime(Runtime::CriO),
+            }
+        })
+        .collect()
+}
+
+/// The Kubernetes namespace of the lab's pods.
+pub const POD_NAMESPACE: &str = "ctlab";
+
+/// `argv` in pod `i`'s netns and cgroup, with a time limit.
+fn run_in_pod(
+    cluster: &Cluster,
+    kube: &LabPodCgroups,
+    i: usize,
+    argv: &[String],
+    timeout: Duration,
+) -> anyhow::Result<std::process::Output> {
+    let (program, rest) = argv.split_first().context("empty command line")?;
+    let mut cmd = cluster.pods[i].command(program);
+    cmd.args(rest);
+    kube.pods()[i].enter(&mut cmd);
+    crate::netns::run_command(&mut cmd, None, timeout)
+}
+
 fn drive(
     args: &LabArgs,
     cluster: &Cluster,
+    kube: &LabPodCgroups,
     fully_random: bool,
     filled: Option<u64>,
 ) -> anyhow::Result<Outcome> {
@@ -408,7 +627,7 @@ fn drive(
                     };
                     let mut failed = 0;
                     for _ in 0..rounds {
-                        let out = cluster.pods[0].run_timeout(&argv, Duration::from_secs(12));
+                        let out = run_in_pod(cluster, kube, 0, &argv, Duration::from_secs(12));
                         if !matches!(&out, Ok(o) if o.status.success()) {
                             failed += 1;
                         }
@@ -571,13 +790,14 @@ fn fill_table(cluster: &Cluster, assured: bool) -> anyhow::Result<u64> {
     Ok(max)
 }
 
-/// Prints the lab's live stream (events and findings) like `tracer watch`.
+/// Prints the lab's live stream (events, findings and lookups) like `tracer watch --events`.
 pub fn live_printer<W: Write + Send + 'static>(mut printer: Printer<W>) -> collect::Live {
-    Box::new(move |ev: &Event, finding: Option<&Finding>| {
-        let _ = printer.event(ev);
-        if let Some(f) = finding {
-            let _ = printer.finding(f);
-        }
+    Box::new(move |item: Item<'_>| {
+        let _ = match item {
+            Item::Event { ev, workload } => printer.event_of(ev, workload.as_deref()),
+            Item::Finding { finding, workload } => printer.finding_of(finding, workload.as_deref()),
+            Item::Lookup(l) => printer.lookup(l),
+        };
         let _ = printer.flush();
     })
 }
