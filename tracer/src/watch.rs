@@ -315,7 +315,9 @@ impl<W: Write> Show<'_, W> {
                 if let Some(m) = &self.counts.metrics {
                     m.on_lookup(l);
                 }
-                if self.view.filter.lookup(l) && (l.problem || self.view.all_lookups) {
+                // JSON carries every lookup; text shows the healthy ones on request.
+                let shown = self.printer.is_json() || l.problem || self.view.all_lookups;
+                if shown && self.view.filter.lookup(l) {
                     self.printer.lookup(l)?;
                 }
             }

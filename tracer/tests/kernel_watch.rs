@@ -168,9 +168,37 @@ fn glibc_lookup_from_a_child_netns_gives_send_and_receive_events() {
         assert_eq!(dns(r)["answers"][0]["data"], want, "{r}");
         assert!(r["ts_ns"].as_u64().unwrap() > q["ts_ns"].as_u64().unwrap());
     }
+
+    // The four packets are one lookup: getent's, from the test's own cgroup (not a pod, so
+    // the host), A and AAAA siblings of one sendmmsg, both answered.
+    let lookups: Vec<&Value> = of_type(&events, "lookup")
+        .into_iter()
+        .filter(|l| l["pid"] == pid)
+        .collect();
+    assert_eq!(lookups.len(), 1, "one lookup per getent call: {lookups:#?}");
+    let l = lookups[0];
+    assert_eq!(l["name"], "test.example");
+    assert_eq!(l["netns"], netns);
+    assert_eq!(l["workload"]["kind"], "host", "{l}");
+    assert_eq!(l["outcome"], "answered", "{l}");
+    assert_eq!(l["siblings"]["how"], "sendmmsg", "{l}");
+    assert_eq!(l["retries"], 0);
+    assert_eq!(l["problem"], false);
+    let q = l["queries"].as_array().unwrap();
+    assert_eq!(q.len(), 2);
+    for (q, send) in q.iter().zip(&sends) {
+        assert_eq!(q["ts_ns"], send["ts_ns"], "the lookup's queries are the events");
+        assert_eq!(q["id"], dns(send)["id"]);
+    }
+    let last_answer = recvs.iter().map(|r| r["ts_ns"].as_u64().unwrap()).max().unwrap();
+    let first_send = sends.iter().map(|r| r["ts_ns"].as_u64().unwrap()).min().unwrap();
+    assert_eq!(l["latency_ns"], last_answer - first_send);
     let s = summary(&events);
     assert_eq!(s["lost"], 0, "{s}");
     assert_eq!(s["decode_errors"], 0, "{s}");
+    // Other DNS traffic on the machine may add its own lookups.
+    assert!(s["lookup_outcomes"]["answered"].as_u64() >= Some(1), "{s}");
+    assert!(s["pods"]["host:getent"]["lookups"].as_u64() >= Some(1), "{s}");
 }
 
 #[test]
