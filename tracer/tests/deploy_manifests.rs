@@ -67,6 +67,18 @@ const HOST_MOUNTS: &[(&str, &str, bool, &str)] = &[
         true,
         "explain::scan_netns: named network namespaces",
     ),
+    (
+        "/host/proc",
+        "/proc",
+        true,
+        "pods::NodePaths under --root /host: mountinfo, /proc/PID/cgroup, ns/net",
+    ),
+    (
+        "/host/var/log/pods",
+        "/var/log/pods",
+        true,
+        "pods::PodIndex: pod namespace/name by UID",
+    ),
 ];
 
 /// Pods allowed `privileged: true`, with the reason (also required in docs/deploy.md).
@@ -262,6 +274,15 @@ fn daemonset_runs_watch_on_every_node() {
         "args: {args:?}"
     );
     assert!(args.iter().any(|a| a == "--json"), "args: {args:?}");
+    // Pods are named from the node's /proc, cgroups and /var/log/pods under --root.
+    let root = flag_value(&args, "--root").expect("watch --root");
+    for sub in ["proc", "sys/fs/cgroup", "var/log/pods"] {
+        let want = format!("{}/{sub}", root.trim_end_matches('/'));
+        assert!(
+            seq(c, "volumeMounts").iter().any(|m| s(m, "mountPath") == Some(want.as_str())),
+            "watch --root {root} but nothing is mounted at {want}"
+        );
+    }
     assert!(
         c.get("command").is_none(),
         "the image's ENTRYPOINT is the tracer; use args"
