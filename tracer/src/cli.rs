@@ -37,6 +37,105 @@ pub enum Command {
     /// Audit the node: what makes the conntrack races likely here, with evidence and the fix.
     /// Exits 1 when something needs attention.
     Doctor(DoctorCmd),
+    /// Internal: a DNS client that `tracer lab` starts inside a pod's network namespace and
+    /// cgroup (see `lab::client`); prints one JSON report.
+    #[command(hide = true)]
+    LabClient(LabClientCmd),
+}
+
+#[derive(Debug, Args)]
+pub struct LabClientCmd {
+    #[command(subcommand)]
+    pub mode: LabClientMode,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum LabClientMode {
+    /// The A/AAAA race on one socket: two pinned threads send at the same moment.
+    Race(LabClientRace),
+    /// One pod's resolver of the SNAT race: A+AAAA in one sendmmsg, retried on timeout.
+    Resolver(LabClientResolver),
+}
+
+#[derive(Debug, Args)]
+pub struct LabClientRace {
+    /// DNS server address (ip:port).
+    #[arg(long)]
+    pub server: std::net::SocketAddr,
+    #[arg(long)]
+    pub qname: String,
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=i64::from(crate::traffic::MAX_ROUNDS)))]
+    pub rounds: u32,
+    /// How long a round waits for its answers, in microseconds.
+    #[arg(long, value_parser = parse_client_timeout)]
+    pub timeout_us: Duration,
+}
+
+#[derive(Debug, Args)]
+pub struct LabClientResolver {
+    /// DNS server address (ip:port).
+    #[arg(long)]
+    pub server: std::net::SocketAddr,
+    #[arg(long)]
+    pub qname: String,
+    /// Source port of round 0 (0: ephemeral ports).
+    #[arg(long)]
+    pub base_port: u16,
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=i64::from(crate::traffic::MAX_ROUNDS)))]
+    pub rounds: u32,
+    /// How long one try waits for the answers, in microseconds.
+    #[arg(long, value_parser = parse_client_timeout)]
+    pub timeout_us: Duration,
+    /// Tries per query.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=i64::from(lab::client::MAX_ATTEMPTS)))]
+    pub attempts: u32,
+    /// The shared file made by the parent.
+    #[arg(long)]
+    pub sync: PathBuf,
+    /// This pod's index.
+    #[arg(long)]
+    pub pod: usize,
+    /// How many pods take part.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=lab::client::MAX_PODS as u64))]
+    pub pods: u64,
+}
+
+fn parse_client_timeout(s: &str) -> Result<Duration, String> {
+    let max = crate::traffic::MAX_TIMEOUT;
+    match s.parse::<u64>() {
+        Ok(us) if us > 0 && Duration::from_micros(us) <= max => Ok(Duration::from_micros(us)),
+        _ => Err(format!(
+            "'{s}': expected microseconds from 1 to {}",
+            max.as_micros()
+        )),
+    }
+}
+
+impl LabClientCmd {
+    pub fn request(self) -> lab::client::Request {
+        use lab::client::{RaceRequest, Request, ResolverParams, ResolverRequest};
+        match self.mode {
+            LabClientMode::Race(r) => Request::Race(RaceRequest {
+                server: r.server,
+                qname: r.qname,
+                rounds: r.rounds,
+                timeout: r.timeout_us,
+            }),
+            LabClientMode::Resolver(r) => Request::Resolver(ResolverRequest {
+                params: ResolverParams {
+                    server: r.server,
+                    qname: r.qname,
+                    base_port: r.base_port,
+                    rounds: r.rounds,
+                    timeout: r.timeout_us,
+                    attempts: r.attempts,
+                },
+                sync: r.sync,
+                pod: r.pod,
+                pods: r.pods as usize,
+            }),
+        }
+    }
 }
 
 #[derive(Debug, Args)]

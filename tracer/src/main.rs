@@ -20,6 +20,7 @@ fn main() -> ExitCode {
             Ok(true) => return ExitCode::from(1),
             other => other.map(drop),
         },
+        Command::LabClient(cmd) => tracer::lab::client::run_child(cmd.request()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -17,6 +17,10 @@
 //!
 //! Every loop is bounded in count and in time; traffic goes only where the caller says,
 //! which must be addresses inside namespaces the caller made.
+//!
+//! [`crate::lab::client`] runs the A/AAAA race and a resolver-like SNAT race as separate
+//! processes inside the pods instead (so that their cgroup names the pod), with the
+//! building blocks here.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -32,7 +36,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, ensure, Context as _, Result};
 use log::{debug, warn};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// A connect (TCP) or echo (UDP) slower than this counts as "slow": a dropped SYN is
 /// retransmitted after ~1 s (the initial RTO), so a connect that took longer than this had
@@ -133,7 +137,7 @@ pub fn allowed_cpus() -> Vec<usize> {
 }
 
 /// Pins the calling thread to `cpu`.
-fn pin_to(cpu: usize) -> io::Result<()> {
+pub(crate) fn pin_to(cpu: usize) -> io::Result<()> {
     // SAFETY: as above.
     let mut set: libc::cpu_set_t = unsafe { mem::zeroed() };
     // SAFETY: cpu is checked by the caller to be below CPU_SETSIZE (it came from
@@ -147,7 +151,7 @@ fn pin_to(cpu: usize) -> io::Result<()> {
     Ok(())
 }
 
-fn current_cpu() -> Option<u32> {
+pub(crate) fn current_cpu() -> Option<u32> {
     // SAFETY: no arguments.
     let c = unsafe { libc::sched_getcpu() };
     u32::try_from(c).ok()
@@ -245,7 +249,11 @@ fn cvt(rc: libc::c_int) -> io::Result<libc::c_int> {
     }
 }
 
-fn new_socket(family_of: &SocketAddr, ty: libc::c_int, nonblocking: bool) -> io::Result<OwnedFd> {
+pub(crate) fn new_socket(
+    family_of: &SocketAddr,
+    ty: libc::c_int,
+    nonblocking: bool,
+) -> io::Result<OwnedFd> {
     let domain = if family_of.is_ipv4() {
         libc::AF_INET
     } else {
@@ -275,7 +283,7 @@ fn setsockopt<T>(fd: RawFd, level: libc::c_int, name: libc::c_int, value: &T) ->
     Ok(())
 }
 
-fn set_reuseaddr(fd: RawFd) -> io::Result<()> {
+pub(crate) fn set_reuseaddr(fd: RawFd) -> io::Result<()> {
     setsockopt(fd, libc::SOL_SOCKET, libc::SO_REUSEADDR, &1 as &libc::c_int)
 }
 
@@ -288,21 +296,21 @@ fn set_linger_zero(fd: RawFd) -> io::Result<()> {
     setsockopt(fd, libc::SOL_SOCKET, libc::SO_LINGER, &l)
 }
 
-fn bind_fd(fd: RawFd, addr: &SocketAddr) -> io::Result<()> {
+pub(crate) fn bind_fd(fd: RawFd, addr: &SocketAddr) -> io::Result<()> {
     let (ss, len) = sockaddr_of(addr);
     // SAFETY: ss/len describe a valid sockaddr.
     cvt(unsafe { libc::bind(fd, std::ptr::from_ref(&ss).cast(), len) })?;
     Ok(())
 }
 
-fn connect_fd(fd: RawFd, addr: &SocketAddr) -> io::Result<()> {
+pub(crate) fn connect_fd(fd: RawFd, addr: &SocketAddr) -> io::Result<()> {
     let (ss, len) = sockaddr_of(addr);
     // SAFETY: ss/len describe a valid sockaddr.
     cvt(unsafe { libc::connect(fd, std::ptr::from_ref(&ss).cast(), len) })?;
     Ok(())
 }
 
-fn local_addr_fd(fd: RawFd) -> Option<SocketAddr> {
+pub(crate) fn local_addr_fd(fd: RawFd) -> Option<SocketAddr> {
     // SAFETY: zeroed storage; getsockname fills at most len bytes.
     let mut ss: libc::sockaddr_storage = unsafe { mem::zeroed() };
     let mut len = mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
@@ -332,7 +340,11 @@ fn so_error(fd: RawFd) -> io::Result<libc::c_int> {
 
 /// poll(2) for `events` on `fd` for at most `timeout`; retries on EINTR. Returns revents
 /// (0 on timeout).
-fn poll_fd(fd: RawFd, events: libc::c_short, timeout: Duration) -> io::Result<libc::c_short> {
+pub(crate) fn poll_fd(
+    fd: RawFd,
+    events: libc::c_short,
+    timeout: Duration,
+) -> io::Result<libc::c_short> {
     let deadline = Instant::now() + timeout;
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
@@ -379,22 +391,22 @@ fn udp_socket(
     Ok(UdpSocket::from(fd))
 }
 
-fn unspecified(like: &SocketAddr, port: u16) -> SocketAddr {
+pub(crate) fn unspecified(like: &SocketAddr, port: u16) -> SocketAddr {
     match like {
         SocketAddr::V4(_) => SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), port),
         SocketAddr::V6(_) => SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), port),
     }
 }
 
-fn micros(d: Duration) -> u64 {
+pub(crate) fn micros(d: Duration) -> u64 {
     u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
 }
 
 /// A small non-cryptographic generator (splitmix64) for DNS ids and nonces.
-struct Rng(u64);
+pub(crate) struct Rng(u64);
 
 impl Rng {
-    fn seeded() -> Rng {
+    pub(crate) fn seeded() -> Rng {
         static SALT: AtomicU64 = AtomicU64::new(0);
         let t = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -404,7 +416,7 @@ impl Rng {
             ^ (u64::from(std::process::id()) << 32)
             ^ SALT.fetch_add(0x9e37_79b9, Ordering::Relaxed))
     }
-    fn next(&mut self) -> u64 {
+    pub(crate) fn next(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
@@ -413,7 +425,7 @@ impl Rng {
     }
 }
 
-fn check_rounds(rounds: u32, timeout: Duration) -> Result<()> {
+pub(crate) fn check_rounds(rounds: u32, timeout: Duration) -> Result<()> {
     ensure!(
         (1..=MAX_ROUNDS).contains(&rounds),
         "rounds must be 1..={MAX_ROUNDS}, got {rounds}"
@@ -461,14 +473,14 @@ pub fn dns_query(id: u16, qname: &str, qtype: u16) -> Result<Vec<u8>> {
 
 /// The header fields of a DNS reply, and the type of its first question.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct DnsReply {
-    id: u16,
-    rcode: u8,
-    ancount: u16,
-    qtype: Option<u16>,
+pub(crate) struct DnsReply {
+    pub(crate) id: u16,
+    pub(crate) rcode: u8,
+    pub(crate) ancount: u16,
+    pub(crate) qtype: Option<u16>,
 }
 
-fn parse_dns_reply(buf: &[u8]) -> Option<DnsReply> {
+pub(crate) fn parse_dns_reply(buf: &[u8]) -> Option<DnsReply> {
     if buf.len() < 12 || buf[2] & 0x80 == 0 {
         return None; // too short, or not a response
     }
@@ -510,11 +522,12 @@ fn parse_dns_reply(buf: &[u8]) -> Option<DnsReply> {
 // 1. The A/AAAA race on one UDP socket
 
 /// One query of a [`RaceRound`].
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RaceQuery {
     pub id: u16,
     /// "A" or "AAAA".
-    pub qtype: &'static str,
+    #[serde(deserialize_with = "qtype_name")]
+    pub qtype: StaticStr,
     /// CPU the sending thread ran on when it sent.
     pub cpu: Option<u32>,
     pub sent: bool,
@@ -528,7 +541,7 @@ pub struct RaceQuery {
 }
 
 /// One round of [`udp_race`].
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RaceRound {
     pub round: u32,
     /// The socket's local address (fresh source port every round).
@@ -539,8 +552,8 @@ pub struct RaceRound {
     pub aaaa: RaceQuery,
 }
 
-/// Result of [`udp_race`].
-#[derive(Debug, Clone, Serialize)]
+/// Result of [`udp_race`] (and of `tracer lab-client race`, see [`crate::lab::client`]).
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RaceReport {
     pub server: SocketAddr,
     pub qname: String,
@@ -556,6 +569,25 @@ pub struct RaceReport {
     pub median_send_skew_ns: Option<u64>,
     pub elapsed_ms: u64,
     pub per_round: Vec<RaceRound>,
+}
+
+/// `&'static str` under another name: serde's derive borrows every field it sees written
+/// as `&str` from the input (which, with `'static`, would only deserialize from `'static`
+/// data); [`qtype_name`] makes the `'static` value instead.
+type StaticStr = &'static str;
+
+/// [`RaceQuery::qtype`] back from JSON (a `&'static str`, so only the names it can hold).
+fn qtype_name<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> std::result::Result<&'static str, D::Error> {
+    let s = String::deserialize(d)?;
+    match s.as_str() {
+        "A" => Ok("A"),
+        "AAAA" => Ok("AAAA"),
+        other => Err(serde::de::Error::custom(format!(
+            "unknown qtype {other:?}: expected \"A\" or \"AAAA\""
+        ))),
+    }
 }
 
 struct SendRecord {
@@ -612,6 +644,19 @@ pub fn udp_race_named(
 ) -> Result<RaceReport> {
     check_rounds(rounds, timeout)?;
     dns_query(0, qname, QTYPE_A)?; // validate the name once
+    in_netns(netns, || udp_race_here(server, qname, rounds, timeout))?
+}
+
+/// [`udp_race_named`] in the calling thread's own network namespace: what `tracer
+/// lab-client race` runs inside a pod (see [`crate::lab::client`]).
+pub(crate) fn udp_race_here(
+    server: SocketAddr,
+    qname: &str,
+    rounds: u32,
+    timeout: Duration,
+) -> Result<RaceReport> {
+    check_rounds(rounds, timeout)?;
+    dns_query(0, qname, QTYPE_A)?; // validate the name once
     let cpus: Vec<usize> = allowed_cpus().into_iter().take(2).collect();
     let cpus = if cpus.len() == 2 {
         cpus
@@ -620,24 +665,22 @@ pub fn udp_race_named(
         Vec::new()
     };
     let started = Instant::now();
-    let qname_owned = qname.to_string();
-    let cpus_c = cpus.clone();
-    let per_round = in_netns(netns, move || -> Result<Vec<RaceRound>> {
+    let per_round = {
         let mut rng = Rng::seeded();
         let counter = AtomicUsize::new(0);
         let mut out = Vec::with_capacity(rounds as usize);
         for round in 0..rounds {
             let id_a = (rng.next() & 0xffff) as u16;
             let id_aaaa = id_a.wrapping_add(1 + (rng.next() % 0xfffe) as u16);
-            let q_a = dns_query(id_a, &qname_owned, QTYPE_A)?;
-            let q_aaaa = dns_query(id_aaaa, &qname_owned, QTYPE_AAAA)?;
+            let q_a = dns_query(id_a, qname, QTYPE_A)?;
+            let q_aaaa = dns_query(id_aaaa, qname, QTYPE_AAAA)?;
             let sock = udp_socket(None, Some(server), &server)
                 .with_context(|| format!("UDP socket connected to {server}"))?;
             // Bind now (connect did) so the local address is known.
             let local = sock.local_addr().ok();
             let barrier = Barrier::new(2);
             let target = 2 * (round as usize + 1);
-            let (cpu_a, cpu_aaaa) = (cpus_c.first().copied(), cpus_c.get(1).copied());
+            let (cpu_a, cpu_aaaa) = (cpus.first().copied(), cpus.get(1).copied());
             let mut replies: HashMap<u16, (Instant, DnsReply)> = HashMap::new();
             let (rec_a, rec_aaaa) = std::thread::scope(|s| {
                 let h_a = s.spawn(|| race_sender(&sock, &q_a, cpu_a, &barrier, &counter, target));
@@ -715,8 +758,8 @@ pub fn udp_race_named(
                 aaaa: mk(id_aaaa, "AAAA", &rec_aaaa),
             });
         }
-        Ok(out)
-    })??;
+        out
+    };
     let mut report = RaceReport {
         server,
         qname: qname.to_string(),
@@ -985,7 +1028,7 @@ pub struct LatencyStats {
 }
 
 impl LatencyStats {
-    fn of(values: &mut [u64]) -> Option<LatencyStats> {
+    pub(crate) fn of(values: &mut [u64]) -> Option<LatencyStats> {
         values.sort_unstable();
         Some(LatencyStats {
             min_us: *values.first()?,

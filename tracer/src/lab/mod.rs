@@ -2,6 +2,7 @@
 //! network namespaces, with the tracer watching, and check that every verdict it names is
 //! matched by the kernel's own counters.
 
+pub mod client;
 pub mod collect;
 pub mod kubepods;
 pub mod topology;
@@ -9,6 +10,7 @@ pub mod topology;
 use std::{
     collections::BTreeMap,
     io::Write,
+    net::{IpAddr, SocketAddr},
     path::PathBuf,
     time::{Duration, Instant},
 };
@@ -358,6 +360,14 @@ struct Outcome {
 
 /// Runs a scenario end to end; `live` prints events and findings as they happen.
 pub fn run(args: &LabArgs, live: Option<collect::Live>) -> anyhow::Result<LabReport> {
+    anyhow::ensure!(
+        !args.dns || args.scenario == Scenario::SnatRace,
+        "--dns is an option of snat-race"
+    );
+    anyhow::ensure!(
+        !args.lose_first_aaaa || args.scenario == Scenario::DnsRace,
+        "--lose-first-aaaa is an option of dns-race"
+    );
     let started = Instant::now();
     let fully_random = args.mitigations.contains(&Mitigation::RandomFully);
     let cluster = match args.scenario {
@@ -404,7 +414,7 @@ pub fn run(args: &LabArgs, live: Option<collect::Live>) -> anyhow::Result<LabRep
         args.session.clone(),
         paths,
         kube.node_paths(),
-        lookup_config(),
+        lookup_config(args),
         live,
     )?;
     let outcome = drive(args, &cluster, &kube, fully_random, filled)?;
@@ -473,6 +483,37 @@ pub fn run(args: &LabArgs, live: Option<collect::Live>) -> anyhow::Result<LabRep
             pod.is_none() && dns && lab_ns.contains(&f.netns)
         })
         .count() as u64;
+    let lookups_report = LookupsReport::new(&lookups, unmatched_drops);
+    if args.dns || args.scenario == Scenario::DnsRace {
+        // Every DNS packet the kernel dropped on conntrack's path or by a rule found its
+        // query, and the lookups carry as many lost queries as the node's counters say.
+        all_checks.push(Check {
+            namespace: "lookups".into(),
+            what: "DNS drops that matched no query = 0",
+            verdicts: unmatched_drops,
+            counter: 0,
+            ok: unmatched_drops == 0,
+        });
+        if let Some(node) = namespaces.iter().find(|n| n.role == "node") {
+            let fates = lookups_report
+                .by_verdict
+                .get(Verdict::SnatPortClash.name())
+                .copied()
+                .unwrap_or(0)
+                + lookups_report
+                    .by_verdict
+                    .get(Verdict::InsertClashDropped.name())
+                    .copied()
+                    .unwrap_or(0);
+            all_checks.push(Check {
+                namespace: "lookups".into(),
+                what: "queries lost to an insert failure = node insert_failed",
+                verdicts: fates,
+                counter: u64::from(node.counters.insert_failed),
+                ok: fates == u64::from(node.counters.insert_failed),
+            });
+        }
+    }
     let report = LabReport {
         scenario: args.scenario,
         rules: args.rules,
@@ -490,7 +531,7 @@ pub fn run(args: &LabArgs, live: Option<collect::Live>) -> anyhow::Result<LabRep
         namespaces,
         checks: all_checks,
         events,
-        lookups: LookupsReport::new(&lookups, unmatched_drops),
+        lookups: lookups_report,
         tracer_lost: collected.lost,
         decode_errors: collected.decode_errors,
         seconds: started.elapsed().as_secs_f64(),
@@ -535,10 +576,15 @@ fn lose_rule_counter(cluster: &Cluster) -> anyhow::Result<u64> {
 
 /// The correlator as the lab's clients behave: they give up on an answer after
 /// [`DNS_TIMEOUT`]; finished lookups wait for the next counter reading.
-fn lookup_config() -> lookups::Config {
+fn lookup_config(args: &LabArgs) -> lookups::Config {
+    let timeout = if args.dns {
+        RESOLVER_TIMEOUT
+    } else {
+        DNS_TIMEOUT
+    };
     lookups::Config {
-        timeout_ns: DNS_TIMEOUT.as_nanos() as u64,
-        idle_ns: 3 * DNS_TIMEOUT.as_nanos() as u64,
+        timeout_ns: timeout.as_nanos() as u64,
+        idle_ns: 3 * timeout.as_nanos() as u64,
         hold_ns: 1_200_000_000,
         ..lookups::Config::default()
     }
@@ -569,6 +615,22 @@ pub fn pod_specs(n: usize) -> Vec<PodSpec> {
 /// The Kubernetes namespace of the lab's pods.
 pub const POD_NAMESPACE: &str = "ctlab";
 
+/// The tracer binary itself in pod `i`'s netns and cgroup (the lab's racing clients).
+fn pod_command(
+    cluster: &Cluster,
+    kube: &LabPodCgroups,
+    i: usize,
+) -> anyhow::Result<std::process::Command> {
+    let mut cmd = cluster.pods[i].command(client::client_program()?);
+    kube.pods()[i].enter(&mut cmd);
+    Ok(cmd)
+}
+
+/// The lab's resolver clients (snat-race --dns) wait this long for an answer before they
+/// send the query again, like glibc with `options timeout:1`.
+const RESOLVER_TIMEOUT: Duration = Duration::from_secs(1);
+const RESOLVER_ATTEMPTS: u32 = 3;
+
 /// `argv` in pod `i`'s netns and cgroup, with a time limit.
 fn run_in_pod(
     cluster: &Cluster,
@@ -597,8 +659,8 @@ fn drive(
             let vip = std::net::SocketAddr::from((topology::DNS_VIP, 53));
             match args.client {
                 DnsClient::Race => {
-                    let r = traffic::udp_race_named(
-                        &cluster.pods[0].path(),
+                    let r = client::run_race(
+                        pod_command(cluster, kube, 0)?,
                         vip,
                         topology::LAB_NAME,
                         rounds,
@@ -643,6 +705,61 @@ fn drive(
                     })
                 }
             }
+        }
+        Scenario::SnatRace if args.dns => {
+            let srv = cluster.server.as_ref().context("no server")?;
+            let server = SocketAddr::new(IpAddr::V4(topology::SERVER_IP), 53);
+            let _dns = crate::netns::Dnsmasq::start(
+                srv,
+                &[server.ip()],
+                53,
+                &[
+                    (topology::LAB_NAME, IpAddr::V4(topology::LAB_A)),
+                    (topology::LAB_NAME, topology::LAB_AAAA.parse()?),
+                ],
+            )
+            .context("the DNS server behind the node")?;
+            let params = client::ResolverParams {
+                server,
+                qname: topology::LAB_NAME.into(),
+                base_port: match args.source_port {
+                    SourcePort::Fixed => 40000,
+                    SourcePort::Ephemeral => 0,
+                },
+                rounds,
+                timeout: RESOLVER_TIMEOUT,
+                attempts: RESOLVER_ATTEMPTS,
+            };
+            let mut failed = None;
+            let r = client::run_resolvers(
+                cluster.pods.len(),
+                |i| match pod_command(cluster, kube, i) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        failed = Some(e);
+                        // A command that fails at once; the error above is reported.
+                        std::process::Command::new("false")
+                    }
+                },
+                &params,
+            );
+            if let Some(e) = failed {
+                return Err(e);
+            }
+            let r = r?;
+            Ok(Outcome {
+                did: format!(
+                    "{rounds} rounds: {} pods look up {} (A+AAAA in one sendmmsg, retried after {:?}) at {server} at once from {} source ports, MASQUERADE{}",
+                    cluster.pods.len(),
+                    topology::LAB_NAME,
+                    RESOLVER_TIMEOUT,
+                    if params.base_port != 0 { "the same" } else { "ephemeral" },
+                    if fully_random { " fully-random" } else { "" }
+                ),
+                attempts: r.queries_sent,
+                failed: r.lost_first_try + r.unanswered,
+                report: serde_json::to_value(&r)?,
+            })
         }
         Scenario::SnatRace => {
             let srv = cluster.server.as_ref().context("no server")?;
