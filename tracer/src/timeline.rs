@@ -165,3 +165,104 @@ pub fn render(l: &Lookup, clock: &Clock, style: Style) -> String {
     let _ = writeln!(out, "  => {}", style.bold(&l.cause));
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        lookups::{Answer, Fate, Query, Siblings},
+        pods::Workload,
+        verdict::Verdict,
+    };
+    use std::sync::Arc;
+
+    #[test]
+    fn a_timeline_orders_sends_drops_silence_retries_and_answers() {
+        let q = |ts, qtype: &str, attempt, fate, answer: Option<u64>| Query {
+            ts_ns: ts,
+            qname: "web.example".into(),
+            qtype: qtype.into(),
+            qtype_code: if qtype == "A" { 1 } else { 28 },
+            id: 0x1234,
+            src: "10.0.0.2:4000".parse().unwrap(),
+            server: "10.96.0.10:53".parse().unwrap(),
+            sock_cookie: 1,
+            attempt,
+            batch: attempt == 1,
+            fate,
+            answer: answer.map(|ts| Answer {
+                ts_ns: ts,
+                rcode: "NOERROR".into(),
+                answers: vec!["192.0.2.1".into()],
+                truncated: false,
+            }),
+            unanswered: answer.is_none(),
+        };
+        let drop = Fate {
+            ts_ns: 20_000,
+            verdict: Verdict::SnatPortClash,
+            netns: 9,
+            lost: true,
+            attribution: "packet",
+            reply: false,
+            nat_to: None,
+            nat_from: Some("192.168.0.1:4000".parse().unwrap()),
+            explanation: "insert failed".into(),
+        };
+        let l = Lookup {
+            id: 1,
+            workload: Arc::new(Workload::host(Some("getent".into()))),
+            netns: 1,
+            cgroup_id: 1,
+            pid: Some(7),
+            comm: Some("getent".into()),
+            name: "web.example".into(),
+            server: "10.96.0.10:53".parse().unwrap(),
+            start_ns: 0,
+            end_ns: 5_000_300_000,
+            latency_ns: 5_000_300_000,
+            outcome: Outcome::Answered,
+            siblings: Some(Siblings {
+                how: "sendmmsg",
+                gap_ns: 10_000,
+            }),
+            retries: 1,
+            queries: vec![
+                q(0, "A", 1, None, Some(100_000)),
+                q(10_000, "AAAA", 1, Some(drop), None),
+                q(5_000_010_000, "AAAA", 2, None, Some(5_000_300_000)),
+            ],
+            cause: "AAAA lost the SNAT port race".into(),
+            problem: true,
+        };
+        let text = render(&l, &Clock::fixed(0), Style::default());
+        let lines: Vec<&str> = text.lines().collect();
+        assert!(lines[0].contains("LOOKUP host:getent getent[7] web.example -> 10.96.0.10:53: 5.000 s, answered, A/AAAA siblings via sendmmsg"), "{text}");
+        // "+  0.000010 AAAA  #1 sent ...": the word after the attempt.
+        let order: Vec<&str> = lines[1..lines.len() - 1]
+            .iter()
+            .map(|l| l.split_whitespace().nth(4).unwrap_or(""))
+            .collect();
+        assert_eq!(
+            order,
+            ["sent", "sent", "DROPPED", "answer", "no", "sent", "answer"],
+            "{text}"
+        );
+        assert!(text.contains("AAAA  #1 DROPPED snat-port-clash in netns 9, SNAT from 192.168.0.1:4000: insert failed"), "{text}");
+        assert!(
+            text.contains("AAAA  #1 no answer (5.000 s of silence)"),
+            "{text}"
+        );
+        assert!(text.contains("(retry after 5.000 s)"), "{text}");
+        assert!(
+            lines
+                .last()
+                .unwrap()
+                .ends_with("=> AAAA lost the SNAT port race"),
+            "{text}"
+        );
+        assert!(!text.contains('\x1b'), "no colour unless asked");
+        let coloured = render(&l, &Clock::fixed(0), Style { colour: true });
+        assert!(coloured.contains("\x1b[1;31mDROPPED snat-port-clash\x1b[0m"));
+    }
+}

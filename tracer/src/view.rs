@@ -345,6 +345,167 @@ mod tests {
         assert!(!name_matches(".local", "notlocal"));
     }
 
+    use crate::{
+        lookups::{Fate, Query},
+        pods::{Workload, WorkloadKind},
+    };
+    use std::sync::Arc;
+
+    fn pod(ns: &str, name: &str) -> Arc<Workload> {
+        Arc::new(Workload {
+            kind: WorkloadKind::Pod,
+            namespace: Some(ns.into()),
+            pod: Some(name.into()),
+            uid: Some("1f3a0c2e-0000-4000-8000-000000000001".into()),
+            ..Workload::unknown()
+        })
+    }
+
+    fn lookup(w: Arc<Workload>, name: &str, fate: Option<Verdict>, retries: u32) -> Lookup {
+        let q = Query {
+            ts_ns: 0,
+            qname: name.into(),
+            qtype: "AAAA".into(),
+            qtype_code: 28,
+            id: 1,
+            src: "10.0.0.2:4000".parse().unwrap(),
+            server: "10.96.0.10:53".parse().unwrap(),
+            sock_cookie: 1,
+            attempt: 1,
+            batch: true,
+            fate: fate.map(|verdict| Fate {
+                ts_ns: 1,
+                verdict,
+                netns: 1,
+                lost: verdict.lost_packet(),
+                attribution: "packet",
+                reply: false,
+                nat_to: None,
+                nat_from: None,
+                explanation: String::new(),
+            }),
+            answer: None,
+            unanswered: fate.is_some(),
+        };
+        Lookup {
+            id: 1,
+            workload: w,
+            netns: 1,
+            cgroup_id: 1,
+            pid: Some(7),
+            comm: Some("getent".into()),
+            name: name.into(),
+            server: q.server,
+            start_ns: 0,
+            end_ns: 5_000_000_000,
+            latency_ns: 5_000_000_000,
+            outcome: Outcome::Answered,
+            siblings: None,
+            retries,
+            queries: vec![q],
+            cause: "because".into(),
+            problem: true,
+        }
+    }
+
+    #[test]
+    fn lookups_filter_by_namespace_pod_name_and_verdict() {
+        let web = lookup(
+            pod("shop", "web-0"),
+            "db.shop.svc.cluster.local",
+            Some(Verdict::SnatPortClash),
+            1,
+        );
+        let api = lookup(pod("infra", "api-1"), "example.com", None, 0);
+        let f = |f: Filter| [&web, &api].map(|l| f.lookup(l));
+        assert_eq!(f(Filter::default()), [true, true]);
+        assert_eq!(
+            f(Filter {
+                namespace: Some("shop".into()),
+                ..Filter::default()
+            }),
+            [true, false]
+        );
+        assert_eq!(
+            f(Filter {
+                pod: Some("infra/api-1".into()),
+                ..Filter::default()
+            }),
+            [false, true]
+        );
+        assert_eq!(
+            f(Filter {
+                qname: Some(".cluster.local".into()),
+                ..Filter::default()
+            }),
+            [true, false]
+        );
+        let v = |v: &[&str]| Filter {
+            verdicts: v.iter().map(|x| x.parse().unwrap()).collect(),
+            ..Filter::default()
+        };
+        assert_eq!(f(v(&["snat-port-clash"])), [true, false]);
+        assert_eq!(f(v(&["table-full"])), [false, false]);
+        assert_eq!(f(v(&["retried"])), [true, false]);
+        assert_eq!(f(v(&["unanswered", "table-full"])), [true, false]);
+        // A finding without a pod is hidden by a pod filter, shown without one.
+        let fi = Finding {
+            verdict: Verdict::TableFull,
+            netns: 1,
+            ts_ns: 0,
+            count: 1,
+            source: "test",
+            packet: None,
+            conntrack: None,
+            nat_clash: None,
+            lost_to: None,
+            nat_targets_differ: None,
+            explanation: String::new(),
+        };
+        assert!(Filter::default().finding(&fi, None));
+        assert!(!Filter {
+            pod: Some("web-0".into()),
+            ..Filter::default()
+        }
+        .finding(&fi, None));
+        assert!(Filter {
+            pod: Some("web-0".into()),
+            ..Filter::default()
+        }
+        .finding(&fi, Some(&pod("shop", "web-0"))));
+        assert!(!v(&["snat-port-clash"]).finding(&fi, None));
+    }
+
+    #[test]
+    fn the_summary_ranks_pods_by_problems_and_bounds_their_number() {
+        let mut s = Summary::default();
+        s.add(&lookup(
+            pod("shop", "web-0"),
+            "a.example",
+            Some(Verdict::SnatPortClash),
+            1,
+        ));
+        let mut ok = lookup(pod("infra", "api-1"), "b.example", None, 0);
+        ok.problem = false;
+        ok.latency_ns = 1_000_000;
+        s.add(&ok);
+        let text = s.render(&Stats::default(), Style::default());
+        let web = text.find("shop/web-0").unwrap();
+        let api = text.find("infra/api-1").unwrap();
+        assert!(web < api, "{text}");
+        assert!(text.contains("[snat-port-clash 1]"), "{text}");
+        for i in 0..MAX_PODS + 5 {
+            s.add(&lookup(
+                pod("many", &format!("p-{i}")),
+                "c.example",
+                None,
+                0,
+            ));
+        }
+        assert_eq!(s.pods.len(), MAX_PODS + 1, "the rest go to (other)");
+        assert!(s.pods["(other)"].lookups >= 5);
+    }
+
     #[test]
     fn verdict_filters_parse_with_a_helpful_error() {
         assert_eq!(
