@@ -679,3 +679,86 @@ fn watch_metrics_count_the_findings_a_lab_run_provokes() {
         "the stream and the metrics agree: {findings:#?}"
     );
 }
+
+/// The sum of the samples of `name` whose label set contains every `want` substring.
+fn sum_matching(body: &str, name: &str, want: &[&str]) -> f64 {
+    body.lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")) && want.iter().all(|w| l.contains(w)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[test]
+fn watch_metrics_count_each_pods_lookups_verdicts_and_retries() {
+    require_root();
+    const ADDR: &str = "127.0.0.1:19465";
+    let watch = TracerRun::start(&["--metrics", ADDR]);
+    let r = lab_checked(
+        &[
+            "dns-race",
+            "--client",
+            "glibc",
+            "--rounds",
+            "2",
+            "--lose-first-aaaa",
+        ],
+        false,
+    );
+    // The watcher reads the node's real /var/log/pods, where the lab's pods are not: it
+    // names them by the UID from their cgroup path.
+    let uid = lookups(&r)[0]["workload"]["uid"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let pod = format!("pod=\"pod {}", &uid[..8]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let body = loop {
+        let body = scrape(ADDR);
+        let n = sum_matching(
+            &body,
+            "tracer_lookups_total",
+            &[&pod, "outcome=\"answered\""],
+        );
+        if n >= 2.0 || Instant::now() > deadline {
+            break body;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(
+        sum_matching(
+            &body,
+            "tracer_lookups_total",
+            &[&pod, "outcome=\"answered\""]
+        ),
+        2.0,
+        "{body}"
+    );
+    assert_eq!(
+        sum_matching(
+            &body,
+            "tracer_lookup_verdicts_total",
+            &[&pod, "verdict=\"ruleset-drop\""]
+        ),
+        2.0,
+        "one lost AAAA per lookup: {body}"
+    );
+    assert_eq!(
+        sum_matching(&body, "tracer_unanswered_queries_total", &[&pod]),
+        2.0,
+        "{body}"
+    );
+    // glibc resent both types after its 2 s timeout: 4 retries, each in the 2-3 s bucket.
+    let retries = sample(&body, "tracer_retry_delay_seconds_count", &[]).unwrap_or(0.0);
+    assert!(retries >= 4.0, "{body}");
+    let under_2 =
+        sample(&body, "tracer_retry_delay_seconds_bucket", &[("le", "2.0")]).unwrap_or(0.0);
+    let under_3 =
+        sample(&body, "tracer_retry_delay_seconds_bucket", &[("le", "3.0")]).unwrap_or(0.0);
+    assert!(under_3 - under_2 >= 4.0, "{body}");
+    let events = watch.stop();
+    let mine: Vec<&Value> = events
+        .iter()
+        .filter(|e| e["type"] == "lookup" && e["workload"]["uid"] == uid.as_str())
+        .collect();
+    assert_eq!(mine.len(), 2, "the stream and the metrics agree: {mine:#?}");
+}
