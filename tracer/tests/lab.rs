@@ -762,3 +762,46 @@ fn watch_metrics_count_each_pods_lookups_verdicts_and_retries() {
         .collect();
     assert_eq!(mine.len(), 2, "the stream and the metrics agree: {mine:#?}");
 }
+
+#[test]
+fn the_live_text_stream_shows_the_lookups_timeline() {
+    require_root();
+    let out = Command::new(TRACER)
+        .args([
+            "lab",
+            "dns-race",
+            "--client",
+            "glibc",
+            "--rounds",
+            "1",
+            "--lose-first-aaaa",
+        ])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let start = stdout
+        .find("LOOKUP ctlab/client-0 getent[")
+        .unwrap_or_else(|| panic!("no timeline:\n{stdout}"));
+    let timeline: Vec<&str> = stdout[start..]
+        .lines()
+        .take_while(|l| !l.starts_with("lab "))
+        .collect();
+    let has = |s: &str| timeline.iter().any(|l| l.contains(s));
+    assert!(has("AAAA  #1 DROPPED ruleset-drop"), "{timeline:#?}");
+    assert!(has("AAAA  #1 no answer (2."), "{timeline:#?}");
+    assert!(has("AAAA  #2 answer NOERROR fd96::1"), "{timeline:#?}");
+    assert!(
+        has("=> AAAA was dropped by a firewall rule on the node, getent retried after 2.0 s"),
+        "{timeline:#?}"
+    );
+    assert!(
+        !stdout.contains('\x1b'),
+        "no colour when stdout is not a terminal"
+    );
+    assert_no_leftovers();
+}
