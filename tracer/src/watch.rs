@@ -152,6 +152,7 @@ pub async fn run(args: WatchArgs) -> anyhow::Result<()> {
         counts: &mut counts,
         view: &args.view,
         summary: Summary::default(),
+        shed_warned: false,
     };
     let mut poll = tokio::time::interval(POLL_EVERY);
     let deadline = async {
@@ -281,6 +282,8 @@ struct Show<'a, W: Write> {
     counts: &'a mut Counts,
     view: &'a View,
     summary: Summary,
+    /// The shedding warning was printed.
+    shed_warned: bool,
 }
 
 impl<W: Write> Show<'_, W> {
@@ -311,6 +314,13 @@ impl<W: Write> Show<'_, W> {
                 }
             }
             Item::Lookup(l) => {
+                if l.outcome == lookups::Outcome::Shed && !self.shed_warned {
+                    self.shed_warned = true;
+                    eprintln!(
+                        "warning: more DNS lookups open than the memory bound allows; \
+                         the oldest are closed early as `shed` (counted in the summary)"
+                    );
+                }
                 self.summary.add(l);
                 if let Some(m) = &self.counts.metrics {
                     m.on_lookup(l);
