@@ -12,15 +12,20 @@ use std::{
     time::{Duration, Instant},
 };
 
+use std::sync::Arc;
+
 use tracer::{
     ctstats::CpuStats,
     events::{DnsEvent, Event, FiveTuple, NfDropEvent, TaskInfo},
+    lookups::{Fate, Lookup, Outcome as LookupOutcome, Query},
     metrics::{self, Metrics, CONNTRACK_FIELDS, CONTENT_TYPE},
+    pods::{Workload, WorkloadKind},
     verdict::{Finding, Verdict},
 };
 
 // ---------------------------------------------------------------------------------------
-// Strict OpenMetrics text parser (the subset the tracer emits: counter, gauge, info).
+// Strict OpenMetrics text parser (the subset the tracer emits: counter, gauge, info,
+// histogram).
 
 type Labels = BTreeMap<String, String>;
 
@@ -142,7 +147,7 @@ fn parse(text: &str) -> Result<Exposition, String> {
             match kw {
                 "TYPE" => {
                     let t = arg.ok_or_else(|| err("TYPE without type".into()))?;
-                    if !["counter", "gauge", "info", "unknown"].contains(&t) {
+                    if !["counter", "gauge", "info", "histogram", "unknown"].contains(&t) {
                         return Err(err(format!("unsupported type {t}")));
                     }
                     let fam = out.families.entry(name.to_string()).or_default();
@@ -202,6 +207,12 @@ fn parse(text: &str) -> Result<Exposition, String> {
             "counter" => suffix == "_total" && value >= 0.0 && value.fract() == 0.0,
             "gauge" | "unknown" => suffix.is_empty(),
             "info" => suffix == "_info" && value == 1.0,
+            "histogram" => match suffix {
+                "_bucket" => labels.contains_key("le") && value >= 0.0 && value.fract() == 0.0,
+                "_count" => value >= 0.0 && value.fract() == 0.0,
+                "_sum" => value.is_finite(),
+                _ => false,
+            },
             _ => false,
         };
         if !ok {
@@ -225,8 +236,102 @@ fn labels(pairs: &[(&str, &str)]) -> Labels {
         .collect()
 }
 
+/// The buckets of one histogram series: cumulative, ending at `+Inf` = `_count`.
+fn check_histogram(e: &Exposition, family: &str, series: &Labels) -> Result<(), String> {
+    let mut buckets: Vec<(f64, f64)> = e
+        .samples
+        .iter()
+        .filter(|((n, l), _)| {
+            n == &format!("{family}_bucket")
+                && l.iter().filter(|(k, _)| *k != "le").eq(series.iter())
+        })
+        .map(|((_, l), v)| (parse_value(&l["le"]).unwrap(), *v))
+        .collect();
+    buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let count = e
+        .samples
+        .get(&(format!("{family}_count"), series.clone()))
+        .ok_or(format!("{family}: no _count"))?;
+    if buckets.last().map(|b| b.0) != Some(f64::INFINITY) {
+        return Err(format!("{family}: no +Inf bucket"));
+    }
+    if buckets.windows(2).any(|w| w[1].1 < w[0].1) {
+        return Err(format!("{family}: buckets not cumulative: {buckets:?}"));
+    }
+    if buckets.last().map(|b| b.1) != Some(*count) {
+        return Err(format!("{family}: +Inf bucket != _count"));
+    }
+    Ok(())
+}
+
+/// A lookup of pod shop/web-0 whose first AAAA lost the SNAT race and was retried 1 s later.
+fn retried_lookup() -> Lookup {
+    let q = |ts: u64, attempt: u32, fate: Option<Fate>| Query {
+        ts_ns: ts,
+        qname: "db.example".into(),
+        qtype: "AAAA".into(),
+        qtype_code: 28,
+        id: 7,
+        src: "10.0.0.2:4000".parse().unwrap(),
+        server: "10.96.0.10:53".parse().unwrap(),
+        sock_cookie: 1,
+        attempt,
+        batch: false,
+        unanswered: fate.is_some(),
+        fate,
+        answer: None,
+    };
+    let lost = Fate {
+        ts_ns: 1,
+        verdict: Verdict::SnatPortClash,
+        netns: 1,
+        lost: true,
+        attribution: "packet",
+        reply: false,
+        nat_to: None,
+        nat_from: None,
+        explanation: String::new(),
+    };
+    Lookup {
+        id: 1,
+        workload: Arc::new(Workload {
+            kind: WorkloadKind::Pod,
+            namespace: Some("shop".into()),
+            pod: Some("web-0".into()),
+            ..Workload::unknown()
+        }),
+        netns: 1,
+        cgroup_id: 1,
+        pid: Some(1),
+        comm: Some("app".into()),
+        name: "db.example".into(),
+        server: "10.96.0.10:53".parse().unwrap(),
+        start_ns: 0,
+        end_ns: 1_000_300_000,
+        latency_ns: 1_000_300_000,
+        outcome: LookupOutcome::Answered,
+        siblings: None,
+        retries: 1,
+        queries: vec![q(0, 1, Some(lost)), q(1_000_000_000, 2, None)],
+        cause: String::new(),
+        problem: true,
+    }
+}
+
 #[test]
 fn parser_is_strict() {
+    let hist = "# TYPE h histogram\nh_bucket{le=\"1.0\"} 1\nh_bucket{le=\"+Inf\"} 2\nh_count 2\nh_sum 3.5\n# EOF\n";
+    let e = parse(hist).unwrap();
+    check_histogram(&e, "h", &Labels::new()).unwrap();
+    assert!(
+        parse("# TYPE h histogram\nh_bucket 1\n# EOF\n").is_err(),
+        "bucket without le"
+    );
+    assert!(parse("# TYPE h histogram\nh_total 1\n# EOF\n").is_err());
+    let bad =
+        "# TYPE h histogram\nh_bucket{le=\"1.0\"} 3\nh_bucket{le=\"+Inf\"} 2\nh_count 2\n# EOF\n";
+    assert!(check_histogram(&parse(bad).unwrap(), "h", &Labels::new()).is_err());
+
     let good = "# HELP a_b x\n# TYPE a_b counter\na_b_total{k=\"v\\\"\"} 3\n# EOF\n";
     let e = parse(good).unwrap();
     assert_eq!(
@@ -418,8 +523,46 @@ fn scrape_equals_what_was_fed() {
     m.set_conntrack(11, &stats(100));
     m.set_conntrack(12, &stats(0));
     m.set_conntrack(12, &stats(200)); // the latest value wins
+    m.on_lookup(&retried_lookup());
 
-    let e = scrape(addr);
+    let mut e = scrape(addr);
+    // Histograms: their shape, count and sum here, then out of the exact comparison.
+    for (family, series, sum, first_bucket) in [
+        (
+            "tracer_lookup_latency_seconds",
+            labels(&[("outcome", "answered")]),
+            1.0003,
+            2.0,
+        ),
+        ("tracer_retry_delay_seconds", Labels::new(), 1.0, 1.0),
+    ] {
+        check_histogram(&e, family, &series).unwrap();
+        let bucket = |le: f64| {
+            e.samples
+                .iter()
+                .find(|((n, l), _)| {
+                    n == &format!("{family}_bucket")
+                        && l.get("le").map(|v| parse_value(v).unwrap()) == Some(le)
+                        && l.iter().filter(|(k, _)| *k != "le").eq(series.iter())
+                })
+                .map(|(_, v)| *v)
+        };
+        assert_eq!(
+            bucket(first_bucket),
+            Some(1.0),
+            "{family}: value in le={first_bucket}"
+        );
+        assert_eq!(bucket(0.5), Some(0.0), "{family}");
+        let count = (format!("{family}_count"), series.clone());
+        assert_eq!(e.samples.remove(&count), Some(1.0), "{family}");
+        let got = e
+            .samples
+            .remove(&(format!("{family}_sum"), series.clone()))
+            .unwrap();
+        assert!((got - sum).abs() < 1e-9, "{family}: sum {got}");
+        e.samples
+            .retain(|(n, _), _| n != &format!("{family}_bucket"));
+    }
 
     let mut want: BTreeMap<(String, Labels), f64> = BTreeMap::new();
     let mut put = |name: &str, l: &[(&str, &str)], v: f64| {
@@ -468,6 +611,18 @@ fn scrape_equals_what_was_fed() {
         &[("version", env!("CARGO_PKG_VERSION"))],
         1.0,
     );
+    let pod = [("namespace", "shop"), ("pod", "web-0")];
+    put(
+        "tracer_lookups_total",
+        &[pod[0], pod[1], ("outcome", "answered")],
+        1.0,
+    );
+    put(
+        "tracer_lookup_verdicts_total",
+        &[pod[0], pod[1], ("verdict", "snat-port-clash")],
+        1.0,
+    );
+    put("tracer_unanswered_queries_total", &pod, 1.0);
     assert_eq!(e.samples, want, "exactly the series fed, nothing else");
     assert_eq!(CONNTRACK_FIELDS.len(), 6);
 
@@ -484,6 +639,11 @@ fn scrape_equals_what_was_fed() {
             ("tracer_events", "counter"),
             ("tracer_findings", "counter"),
             ("tracer_lost_events", "counter"),
+            ("tracer_lookup_latency_seconds", "histogram"),
+            ("tracer_lookup_verdicts", "counter"),
+            ("tracer_lookups", "counter"),
+            ("tracer_retry_delay_seconds", "histogram"),
+            ("tracer_unanswered_queries", "counter"),
         ])
     );
     assert!(
@@ -522,7 +682,14 @@ fn scrape_equals_what_was_fed() {
 fn fresh_scrape_has_zeroed_kinds() {
     let m = Metrics::new();
     let e = parse(&m.encode()).unwrap();
-    assert_eq!(e.samples.len(), 4 + 1 + 1, "{:?}", e.samples);
+    // 4 kinds, lost, build info, and the retry-delay histogram (12 buckets, +Inf, count,
+    // sum), all zero; per-pod series appear with their first lookup.
+    assert_eq!(e.samples.len(), 4 + 1 + 1 + 15, "{:?}", e.samples);
+    check_histogram(&e, "tracer_retry_delay_seconds", &Labels::new()).unwrap();
+    assert_eq!(
+        e.samples[&("tracer_retry_delay_seconds_count".into(), Labels::new())],
+        0.0
+    );
     for kind in ["dns_send", "dns_recv", "nf_drop", "ct_clash"] {
         assert_eq!(
             e.samples[&("tracer_events_total".into(), labels(&[("kind", kind)]))],
