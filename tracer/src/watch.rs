@@ -168,10 +168,15 @@ pub async fn run(args: WatchArgs) -> anyhow::Result<()> {
         tokio::select! {
             guard = ring.readable_mut() => {
                 let mut guard = guard?;
+                // Clear first, then drain: the kernel wakes the reader only for a record
+                // submitted while the reader had caught up, so a record that arrives after
+                // the drain wakes us again, and one that arrives during it is read by it.
+                // (Draining first and clearing after loses the wake-up of a record that
+                // lands in between, and then every later one.)
+                guard.clear_ready();
                 if drain(guard.get_inner_mut(), &mut pipeline, &mut show)? {
                     stop = true;
                 }
-                guard.clear_ready();
             }
             Some(guard) = async {
                 match logger.as_mut() {
@@ -184,6 +189,10 @@ pub async fn run(args: WatchArgs) -> anyhow::Result<()> {
                 guard.clear_ready();
             }
             _ = poll.tick() => {
+                // Records first, so the counter reading comes after the drops it covers.
+                if drain(ring.get_mut(), &mut pipeline, &mut show)? {
+                    stop = true;
+                }
                 if let Some(m) = &show.counts.metrics {
                     m.set_lost(session.lost_per_cpu()?.iter().sum());
                 }

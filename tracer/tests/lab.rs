@@ -381,7 +381,8 @@ fn a_lost_aaaa_shows_as_the_resolvers_retry_after_its_timeout() {
         assert_eq!(l["problem"], true);
         assert_eq!(l["retries"], 1, "{l:#}");
         let latency = secs(&l["latency_ns"]);
-        assert!((2.0..2.5).contains(&latency), "latency {latency} s: {l:#}");
+        // glibc starts its 2 s timer just before the sendmmsg that the first event is from.
+        assert!((1.95..2.5).contains(&latency), "latency {latency} s: {l:#}");
         let q = l["queries"].as_array().unwrap();
         let lost: Vec<&Value> = q.iter().filter(|q| !q["fate"].is_null()).collect();
         assert_eq!(lost.len(), 1, "{l:#}");
