@@ -279,7 +279,9 @@ fn daemonset_runs_watch_on_every_node() {
     for sub in ["proc", "sys/fs/cgroup", "var/log/pods"] {
         let want = format!("{}/{sub}", root.trim_end_matches('/'));
         assert!(
-            seq(c, "volumeMounts").iter().any(|m| s(m, "mountPath") == Some(want.as_str())),
+            seq(c, "volumeMounts")
+                .iter()
+                .any(|m| s(m, "mountPath") == Some(want.as_str())),
             "watch --root {root} but nothing is mounted at {want}"
         );
     }

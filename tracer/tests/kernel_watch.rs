@@ -187,18 +187,32 @@ fn glibc_lookup_from_a_child_netns_gives_send_and_receive_events() {
     let q = l["queries"].as_array().unwrap();
     assert_eq!(q.len(), 2);
     for (q, send) in q.iter().zip(&sends) {
-        assert_eq!(q["ts_ns"], send["ts_ns"], "the lookup's queries are the events");
+        assert_eq!(
+            q["ts_ns"], send["ts_ns"],
+            "the lookup's queries are the events"
+        );
         assert_eq!(q["id"], dns(send)["id"]);
     }
-    let last_answer = recvs.iter().map(|r| r["ts_ns"].as_u64().unwrap()).max().unwrap();
-    let first_send = sends.iter().map(|r| r["ts_ns"].as_u64().unwrap()).min().unwrap();
+    let last_answer = recvs
+        .iter()
+        .map(|r| r["ts_ns"].as_u64().unwrap())
+        .max()
+        .unwrap();
+    let first_send = sends
+        .iter()
+        .map(|r| r["ts_ns"].as_u64().unwrap())
+        .min()
+        .unwrap();
     assert_eq!(l["latency_ns"], last_answer - first_send);
     let s = summary(&events);
     assert_eq!(s["lost"], 0, "{s}");
     assert_eq!(s["decode_errors"], 0, "{s}");
     // Other DNS traffic on the machine may add its own lookups.
     assert!(s["lookup_outcomes"]["answered"].as_u64() >= Some(1), "{s}");
-    assert!(s["pods"]["host:getent"]["lookups"].as_u64() >= Some(1), "{s}");
+    assert!(
+        s["pods"]["host:getent"]["lookups"].as_u64() >= Some(1),
+        "{s}"
+    );
 }
 
 #[test]
