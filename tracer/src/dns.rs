@@ -227,7 +227,7 @@ pub enum RData {
     Aaaa(Ipv6Addr),
     Cname(String),
     Ptr(String),
-    /// Any other type (or class other than IN for A/AAAA): only its length.
+    /// Any other type, a class other than IN, or no data: only its length.
     Other {
         len: u16,
     },
@@ -298,11 +298,10 @@ pub struct Head {
     pub question: Option<Question>,
 }
 
-/// A message section, for errors.
+/// A record section, for errors.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Section {
-    Question,
     Answer,
     Authority,
     Additional,
@@ -311,7 +310,6 @@ pub enum Section {
 impl fmt::Display for Section {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
-            Section::Question => "question",
             Section::Answer => "answer",
             Section::Authority => "authority",
             Section::Additional => "additional",
@@ -325,15 +323,9 @@ impl fmt::Display for Section {
 pub enum DnsError {
     #[error("{len} bytes is shorter than the {HEADER_LEN}-byte DNS header")]
     ShortHeader { len: usize },
-    #[error(
-        "the question section is cut at byte {at} (captured {captured} of {full} bytes): \
-         no name to report"
-    )]
-    TruncatedQuestion {
-        at: usize,
-        captured: usize,
-        full: usize,
-    },
+    /// `full`: the datagram's length, when known and longer than the capture.
+    #[error("the payload ends at byte {at}, inside the question section{}", kept(*at, *full))]
+    TruncatedQuestion { at: usize, full: Option<usize> },
     #[error(
         "the datagram ends at byte {at} inside {section} record {index} of {count}: \
          the header counts more records than were sent"
@@ -378,6 +370,13 @@ pub enum DnsError {
     DuplicateOpt,
 }
 
+fn kept(at: usize, full: Option<usize>) -> String {
+    match full {
+        Some(full) if full > at => format!(" (the capture kept {at} of {full} bytes)"),
+        _ => String::new(),
+    }
+}
+
 /// Decodes the DNS message whose first bytes are `payload`; `full_len` is the datagram's
 /// length (the capture's `payload_len`; a value below `payload.len()` counts as
 /// `payload.len()`).
@@ -400,7 +399,7 @@ pub fn parse(payload: &[u8], full_len: usize) -> Result<Message, DnsError> {
     };
     let mut questions = Vec::new();
     for _ in 0..h.qdcount {
-        questions.push(read_question(&mut r, full)?);
+        questions.push(read_question(&mut r, Some(full))?);
     }
 
     let mut msg = Message {
@@ -450,11 +449,17 @@ pub fn parse(payload: &[u8], full_len: usize) -> Result<Message, DnsError> {
             };
             match section {
                 Section::Answer => {
+                    // Class IN, with or without mDNS's cache-flush bit, and some data: empty
+                    // records and other classes are what dynamic updates (RFC 2136) put in
+                    // this section, and are not decoded.
                     let data = match rec.rtype {
-                        rtype::A if rec.class == 1 => RData::A(Ipv4Addr::from(
+                        _ if rec.class & 0x7fff != 1 || rdata.is_empty() => RData::Other {
+                            len: rdata.len() as u16,
+                        },
+                        rtype::A => RData::A(Ipv4Addr::from(
                             <[u8; 4]>::try_from(rdata).map_err(|_| bad("4"))?,
                         )),
-                        rtype::AAAA if rec.class == 1 => RData::Aaaa(Ipv6Addr::from(
+                        rtype::AAAA => RData::Aaaa(Ipv6Addr::from(
                             <[u8; 16]>::try_from(rdata).map_err(|_| bad("16"))?,
                         )),
                         rtype::CNAME | rtype::PTR => {
@@ -505,7 +510,7 @@ pub fn header_and_question(payload: &[u8]) -> Result<Head, DnsError> {
         pos: HEADER_LEN,
     };
     let question = if h.qdcount > 0 {
-        Some(read_question(&mut r, usize::MAX)?)
+        Some(read_question(&mut r, None)?)
     } else {
         None
     };
@@ -595,11 +600,10 @@ impl Reader<'_> {
     }
 }
 
-fn read_question(r: &mut Reader<'_>, full: usize) -> Result<Question, DnsError> {
+fn read_question(r: &mut Reader<'_>, full: Option<usize>) -> Result<Question, DnsError> {
     let cut = |r: &Reader<'_>| DnsError::TruncatedQuestion {
         at: r.buf.len(),
-        captured: r.buf.len(),
-        full: full.max(r.buf.len()),
+        full,
     };
     let fields = |r: &mut Reader<'_>| -> Result<Question, Fail> {
         let name = r.name()?;
@@ -932,8 +936,9 @@ mod tests {
             for n in 0..bytes.len() {
                 match parse(&bytes[..n], bytes.len()) {
                     Err(DnsError::ShortHeader { len }) => assert!(len == n && n < 12),
-                    Err(DnsError::TruncatedQuestion { at, full, .. }) => {
-                        assert!((12..question_end).contains(&n) && at == n && full == bytes.len());
+                    Err(DnsError::TruncatedQuestion { at, full }) => {
+                        assert!((12..question_end).contains(&n) && at == n);
+                        assert_eq!(full, Some(bytes.len()));
                     }
                     Ok(m) => {
                         assert!(n >= question_end, "{n}: {m:?}");
@@ -960,10 +965,15 @@ mod tests {
         assert_eq!(h.question.unwrap().name, "www.example.test");
         // 64 bytes, as netfilter drops capture: cut inside the records.
         assert!(header_and_question(&bytes[..64]).is_ok());
-        assert!(matches!(
+        assert_eq!(
             header_and_question(&bytes[..33]),
-            Err(DnsError::TruncatedQuestion { at: 33, .. })
-        ));
+            Err(DnsError::TruncatedQuestion { at: 33, full: None })
+        );
+        assert_eq!(
+            parse(&bytes[..33], 120).unwrap_err().to_string(),
+            "the payload ends at byte 33, inside the question section \
+             (the capture kept 33 of 120 bytes)"
+        );
         assert!(matches!(
             header_and_question(&bytes[..11]),
             Err(DnsError::ShortHeader { len: 11 })
@@ -1040,6 +1050,20 @@ mod tests {
             parse(&cname, cname.len()),
             Err(DnsError::BadRdata { .. })
         ));
+        // Dynamic update (opcode 5): "delete the PTR RRset", class ANY, no data.
+        let update = hex("0001 2800 0000 0001 0000 0000 00 000c 00ff 00000000 0000");
+        let m = parse(&update, update.len()).unwrap();
+        assert_eq!(m.opcode, 5);
+        assert_eq!(m.answers[0].data, RData::Other { len: 0 });
+        // Found by the differential fuzzer (docs/dns.md): an update whose prerequisite is
+        // "a CNAME exists" (class IN, no data), which simple-dns and hickory-proto accept.
+        let update = hex("5540 2e00 0000 0001 0000 0000 00 0005 0001 00000000 0000");
+        let m = parse(&update, update.len()).unwrap();
+        assert_eq!(m.answers[0].data, RData::Other { len: 0 });
+        // mDNS: class IN with the cache-flush bit.
+        let mdns = hex("0000 8400 0000 0001 0000 0000 00 0001 8001 00000078 0004 c0a80001");
+        let m = parse(&mdns, mdns.len()).unwrap();
+        assert_eq!(m.answers[0].data, RData::A(Ipv4Addr::new(192, 168, 0, 1)));
         // Two OPT records.
         let two = hex("0001 0100 0000 0000 0000 0002 00 0029 0200 00000000 0000
             00 0029 0200 00000000 0000");

@@ -258,7 +258,11 @@ impl<W: Write> Printer<W> {
     }
 
     /// A finding; `pod` is the label and JSON of the pod whose query it hit, when known.
-    pub(crate) fn finding_as(&mut self, f: &Finding, pod: Option<(String, Value)>) -> io::Result<()> {
+    pub(crate) fn finding_as(
+        &mut self,
+        f: &Finding,
+        pod: Option<(String, Value)>,
+    ) -> io::Result<()> {
         if self.json {
             let mut v = serde_json::to_value(f).unwrap_or(Value::Null);
             if let Value::Object(m) = &mut v {
@@ -289,7 +293,9 @@ impl<W: Write> Printer<W> {
             } else {
                 self.style.yellow(f.verdict.name())
             };
-            let pod = pod.map(|(label, _)| format!(" {label}")).unwrap_or_default();
+            let pod = pod
+                .map(|(label, _)| format!(" {label}"))
+                .unwrap_or_default();
             writeln!(
                 self.out,
                 "{} FINDING {verdict}{count}{pod} netns {}{what}: {} [{}]",
@@ -404,5 +410,52 @@ impl<W: Write> Printer<W> {
                 )
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod dns_text_tests {
+    use super::dns_text;
+
+    fn hex(s: &str) -> Vec<u8> {
+        let s: String = s.split_whitespace().collect();
+        (0..s.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn query_answer_cut_and_error() {
+        // glibc's query and dnsmasq's answer (see dns.rs).
+        let q = hex(
+            "7b61 0120 0001 0000 0000 0001 03777777 076578616d706c65 0474657374 00
+            0001 0001 00 0029 04b0 00000000 0000",
+        );
+        assert_eq!(
+            dns_text(&q, q.len() as u32),
+            "query id 0x7b61 A www.example.test rd ad EDNS 1200"
+        );
+        let r = hex(
+            "d213 8580 0001 0003 0000 0001 03777777076578616d706c65047465737400
+            0001 0001 c00c 0005 0001 00000000 0012 03776562076578616d706c650474657374 00
+            c02e 0005 0001 00000000 0013 04686f7374076578616d706c650474657374 00
+            c04c 0001 0001 00000000 0004 0a010203 00 0029 04d0 00000000 0000",
+        );
+        assert_eq!(
+            dns_text(&r, r.len() as u32),
+            "answer id 0xd213 NOERROR A www.example.test -> [CNAME web.example.test, \
+             CNAME host.example.test, A 10.1.2.3] aa rd ra EDNS 1232"
+        );
+        assert_eq!(
+            dns_text(&r[..69], r.len() as u32),
+            "answer id 0xd213 NOERROR A www.example.test -> [CNAME web.example.test] \
+             aa rd ra (capture cut: 1 of 3 answers)"
+        );
+        assert_eq!(
+            dns_text(&r[..20], r.len() as u32),
+            "undecodable DNS (the payload ends at byte 20, inside the question section \
+             (the capture kept 20 of 122 bytes))"
+        );
     }
 }
