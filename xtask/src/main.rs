@@ -1,9 +1,11 @@
 //! Project automation: `cargo xtask <verb>` (alias in `.cargo/config.toml`).
 //!
 //! Verbs: `setup` (toolchain, tools, mounts; idempotent), `test`, `lint`, `watch`,
-//! `bench-filter`.
+//! `bench-filter`, `bench-pipeline`, `fuzz-dns`.
 
 mod bench;
+mod bench_pipeline;
+mod fuzz;
 mod lint;
 mod setup;
 mod test;
@@ -61,10 +63,35 @@ enum Verb {
         #[arg(long, default_value_t = 12, value_parser = clap::value_parser!(u32).range(1..=100))]
         rounds: u32,
     },
+    /// Measure the userspace event path on one core: decode, pod enrichment and lookup
+    /// correlation throughput, then resident memory at 50k lookups/s and under hostile
+    /// streams. Arguments after `--` go to the bench (`--runs N`, `--seconds S`, `--rate R`).
+    BenchPipeline {
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
     /// Run `<command...>` as root in a QEMU guest on Debian's own kernel (fentry/fexit and
     /// kprobes work there), with this machine's `/` shared read-only under a tmpfs overlay,
     /// in the same directory; its stdout, stderr and exit status become this verb's.
     VmTest(vm::Args),
+    /// Fuzz the DNS decoder with cargo-fuzz (installed into .tools; needs rustup's nightly):
+    /// `dns_parse` (tracer::dns alone) and `dns_diff` (against dns-parser, simple-dns and
+    /// hickory-proto), for `--minutes` each; fails on a crash. See docs/dns.md.
+    FuzzDns {
+        /// Minutes per target.
+        #[arg(long, default_value_t = 10.0, value_parser = parse_minutes)]
+        minutes: f64,
+        /// Run only this target (repeatable).
+        #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(fuzz::TARGETS))]
+        target: Vec<String>,
+    },
+}
+
+fn parse_minutes(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if (0.05..=1440.0).contains(&v) => Ok(v),
+        _ => Err(format!("'{s}': expected minutes from 0.05 to 1440")),
+    }
 }
 
 fn parse_seconds(s: &str) -> Result<f64, String> {
@@ -89,7 +116,15 @@ fn main() -> ExitCode {
         Verb::Watch { args } => watch::run(&ws, &args),
         Verb::Demo { args } => watch::demo(&ws, &args),
         Verb::BenchFilter { seconds, rounds } => bench::run(&ws, &bench::Args { seconds, rounds }),
+        Verb::BenchPipeline { args } => bench_pipeline::run(&ws, &args),
         Verb::VmTest(args) => vm::run(&ws, &args),
+        Verb::FuzzDns { minutes, target } => fuzz::run(
+            &ws,
+            &fuzz::Args {
+                minutes,
+                targets: target,
+            },
+        ),
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,
