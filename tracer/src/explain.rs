@@ -82,12 +82,27 @@ impl Explainer {
         Ok(inum)
     }
 
+    fn rescan(&mut self) {
+        self.last_scan = Instant::now();
+        for (k, v) in scan_netns() {
+            self.paths.entry(k).or_insert(v);
+        }
+    }
+
     fn path_of(&mut self, netns: u32) -> Option<PathBuf> {
-        if !self.paths.contains_key(&netns) && self.last_scan.elapsed() > RESCAN_EVERY {
-            self.last_scan = Instant::now();
-            for (k, v) in scan_netns() {
-                self.paths.entry(k).or_insert(v);
+        match self.paths.get(&netns) {
+            // Namespace inodes are reused: a path found earlier may now open nothing, or
+            // another namespace. Then the one with this inode is new: forget the old one's
+            // books (the new one's counters started at zero) and look for it now.
+            Some(p) if !fs::metadata(p).is_ok_and(|m| m.ino() as u32 == netns) => {
+                log::debug!("netns {netns}: {} is stale", p.display());
+                self.paths.remove(&netns);
+                self.classifier.forget(netns);
+                self.rescan();
             }
+            Some(_) => {}
+            None if self.last_scan.elapsed() > RESCAN_EVERY => self.rescan(),
+            None => {}
         }
         self.paths.get(&netns).cloned()
     }

@@ -1,18 +1,35 @@
-//! Kernel text addresses -> `symbol+0xoff`, from `/proc/kallsyms`, read lazily once.
+//! Kernel text addresses -> `symbol+0xoff`, from `/proc/kallsyms`, read once (lazily, or
+//! up front with [`Symbols::load`]: parsing takes most of a second in a debug build, which a
+//! drop must not wait for while its network namespace may be going away). Clones share the
+//! table.
 
-use std::{cell::OnceCell, path::PathBuf};
+use std::{
+    path::PathBuf,
+    sync::{Arc, OnceLock},
+};
 
+#[derive(Clone)]
 pub struct Symbols {
     path: PathBuf,
-    table: OnceCell<Vec<(u64, String)>>,
+    table: Arc<OnceLock<Vec<(u64, String)>>>,
 }
 
 impl Symbols {
     pub fn new(path: impl Into<PathBuf>) -> Self {
         Symbols {
             path: path.into(),
-            table: OnceCell::new(),
+            table: Arc::new(OnceLock::new()),
         }
+    }
+
+    /// Reads the table now.
+    pub fn load(&self) {
+        self.table();
+    }
+
+    fn table(&self) -> &Vec<(u64, String)> {
+        self.table
+            .get_or_init(|| Self::parse(&std::fs::read_to_string(&self.path).unwrap_or_default()))
     }
 
     /// Parses kallsyms text: `ADDR TYPE NAME [MODULE]`; keeps text symbols with a real address.
@@ -32,9 +49,7 @@ impl Symbols {
     }
 
     pub fn resolve(&self, addr: u64) -> String {
-        let table = self
-            .table
-            .get_or_init(|| Self::parse(&std::fs::read_to_string(&self.path).unwrap_or_default()));
+        let table = self.table();
         match table.partition_point(|(a, _)| *a <= addr) {
             0 => format!("{addr:#x}"),
             i => {

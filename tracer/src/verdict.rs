@@ -178,6 +178,12 @@ impl Classifier {
         );
     }
 
+    /// Forgets a namespace whose inode was reused by a new one: the new namespace's books
+    /// start at zero (it was created after the tracer started).
+    pub fn forget(&mut self, netns: u32) {
+        self.books.remove(&netns);
+    }
+
     pub fn knows(&self, netns: u32) -> bool {
         self.books.contains_key(&netns)
     }

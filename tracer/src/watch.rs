@@ -105,6 +105,9 @@ pub async fn run(args: WatchArgs) -> anyhow::Result<()> {
         None => None,
     };
 
+    // Before the ready file: the first drop must not wait for kallsyms to be parsed.
+    let symbols = Symbols::new("/proc/kallsyms");
+    symbols.load();
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
     if let Some(p) = &args.ready_file {
@@ -121,7 +124,7 @@ pub async fn run(args: WatchArgs) -> anyhow::Result<()> {
         io::BufWriter::new(stdout.lock()),
         args.json,
         Clock::now(),
-        Symbols::new("/proc/kallsyms"),
+        symbols.clone(),
     )
     .with_style(style);
     let mut counts = Counts::default();
@@ -141,12 +144,7 @@ pub async fn run(args: WatchArgs) -> anyhow::Result<()> {
         hold_ns: HOLD.as_nanos() as u64,
         ..lookups::Config::default()
     };
-    let mut pipeline = Pipeline::new(
-        Explainer::start(),
-        pods,
-        cfg,
-        Symbols::new("/proc/kallsyms"),
-    );
+    let mut pipeline = Pipeline::new(Explainer::start(), pods, cfg, symbols);
     let mut show = Show {
         printer: &mut printer,
         counts: &mut counts,
@@ -155,6 +153,7 @@ pub async fn run(args: WatchArgs) -> anyhow::Result<()> {
         shed_warned: false,
     };
     let mut poll = tokio::time::interval(POLL_EVERY);
+    let mut sweep = tokio::time::interval(SWEEP_EVERY);
     let deadline = async {
         match args.duration {
             Some(d) => tokio::time::sleep(d).await,
@@ -187,6 +186,13 @@ pub async fn run(args: WatchArgs) -> anyhow::Result<()> {
                 let mut guard = guard?;
                 guard.get_inner_mut().flush();
                 guard.clear_ready();
+            }
+            _ = sweep.tick() => {
+                // A safety net for the wake-ups: whatever is in the ring is read within
+                // SWEEP_EVERY, so a drop is explained while its network namespace exists.
+                if drain(ring.get_mut(), &mut pipeline, &mut show)? {
+                    stop = true;
+                }
             }
             _ = poll.tick() => {
                 // Records first, so the counter reading comes after the drops it covers.
@@ -268,6 +274,9 @@ pub async fn run(args: WatchArgs) -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// How often the ring is read even without a wake-up.
+const SWEEP_EVERY: Duration = Duration::from_millis(50);
 
 /// How often the conntrack counters are read for findings that drop no packet.
 const POLL_EVERY: Duration = Duration::from_secs(1);

@@ -79,15 +79,17 @@ impl Collector {
                         unserved.join(", ")
                     );
                     let ring = session.take_events()?;
+                    let symbols = Symbols::new("/proc/kallsyms");
+                    symbols.load();
                     let mut explainer = Explainer::start();
                     for p in &track {
                         explainer
                             .track(p)
                             .with_context(|| format!("conntrack statistics of {}", p.display()))?;
                     }
-                    Ok((session, ring, explainer))
+                    Ok((session, ring, explainer, symbols))
                 })();
-                let (session, mut ring, explainer) = match setup {
+                let (session, mut ring, explainer, symbols) = match setup {
                     Ok(v) => {
                         let _ = ready_tx.send(Ok(()));
                         v
@@ -97,12 +99,7 @@ impl Collector {
                         return Err(e);
                     }
                 };
-                let mut pipeline = Pipeline::new(
-                    explainer,
-                    PodIndex::new(node),
-                    lookups,
-                    Symbols::new("/proc/kallsyms"),
-                );
+                let mut pipeline = Pipeline::new(explainer, PodIndex::new(node), lookups, symbols);
                 let mut out = Collected {
                     plan: Some(session.plan.clone()),
                     ..Collected::default()
