@@ -13,8 +13,11 @@ use std::{
 
 use tracer::{
     ctstats,
-    lab::client::{self, ResolverParams, ResolverReport},
-    netns::{self, veth_pair, veth_pair_named, Dnsmasq, Netns},
+    lab::{
+        client::{self, ResolverParams, ResolverReport},
+        topology, Cluster, Rules,
+    },
+    netns::{self, veth_pair, Dnsmasq, Netns},
 };
 
 const TRACER: &str = env!("CARGO_BIN_EXE_tracer");
@@ -139,62 +142,33 @@ fn race_client_process_answers_every_query() {
 
 // --- (b) resolvers racing in the node's SNAT -----------------------------------------------
 
-/// `n` pods 10.241.<i>.2 behind a node that masquerades them out of `toserver` toward a
-/// server 10.241.100.2 running dnsmasq, which has no route back to the pods.
+/// The lab's own topology (`lab::topology::Cluster`): `n` pods behind a node that
+/// masquerades them toward a server with no route back to the pods, here running dnsmasq.
 struct Lab {
+    // Field order is drop order: dnsmasq before the namespaces.
     _dns: Dnsmasq,
-    pods: Vec<Netns>,
-    node: Netns,
-    _server: Netns,
+    cluster: Cluster,
 }
 
-const SERVER: &str = "10.241.100.2:53";
+fn server() -> SocketAddr {
+    SocketAddr::new(IpAddr::V4(topology::SERVER_IP), 53)
+}
 
 impl Lab {
-    fn new(prefix: &str, n: u8, fully_random: bool) -> Lab {
-        let node = Netns::create(prefix).unwrap();
-        let server = Netns::create(prefix).unwrap();
-        let mut pods = Vec::new();
-        for i in 1..=n {
-            let pod = Netns::create(prefix).unwrap();
-            veth_pair(
-                &pod,
-                &[&format!("10.241.{i}.2/24")],
-                &node,
-                &[&format!("10.241.{i}.1/24")],
-            )
-            .unwrap();
-            pod.route_add(&format!("default via 10.241.{i}.1")).unwrap();
-            pods.push(pod);
-        }
-        veth_pair_named(
-            &node,
-            "toserver",
-            &["10.241.100.1/24"],
-            &server,
-            "eth0",
-            &["10.241.100.2/24"],
-        )
-        .unwrap();
-        node.sysctl_set("net.ipv4.ip_forward", "1").unwrap();
-        let random = if fully_random { " fully-random" } else { "" };
-        node.nft(&format!(
-            "table ip nat {{\n chain post {{\n  type nat hook postrouting priority 100;\n  \
-             oifname \"toserver\" masquerade{random}\n }}\n}}\n"
-        ))
-        .unwrap();
-        let dns = dns(&server, "10.241.100.2".parse().unwrap());
-        Lab {
-            _dns: dns,
-            pods,
-            node,
-            _server: server,
-        }
+    fn new(n: usize, fully_random: bool) -> Lab {
+        let cluster = Cluster::build(n, 0, true).unwrap();
+        cluster.masquerade(Rules::Nft, fully_random).unwrap();
+        let dns = dns(cluster.server.as_ref().unwrap(), server().ip());
+        Lab { _dns: dns, cluster }
+    }
+
+    fn pods(&self) -> &[Netns] {
+        &self.cluster.pods
     }
 
     fn params(base_port: u16, rounds: u32) -> ResolverParams {
         ResolverParams {
-            server: SERVER.parse().unwrap(),
+            server: server(),
             qname: QNAME.into(),
             base_port,
             rounds,
@@ -206,11 +180,19 @@ impl Lab {
     /// Runs the resolvers; returns the report and the node's `insert_failed` and `drop`
     /// deltas.
     fn run(&self, params: &ResolverParams) -> (ResolverReport, u32, u32) {
-        let read = || ctstats::read_in(&self.node.path()).unwrap().totals();
+        let read = || {
+            ctstats::read_in(&self.cluster.node.path())
+                .unwrap()
+                .totals()
+        };
         let before = read();
         let t = Instant::now();
-        let r = client::run_resolvers(self.pods.len(), |i| self.pods[i].command(TRACER), params)
-            .unwrap();
+        let r = client::run_resolvers(
+            self.pods().len(),
+            |i| self.pods()[i].command(TRACER),
+            params,
+        )
+        .unwrap();
         let took = t.elapsed();
         let d = read().delta(&before);
         let retried: Vec<String> = r
@@ -264,7 +246,7 @@ impl Lab {
                 v[v.len() - 1]
             );
         }
-        assert_nothing_left(&self.pods);
+        assert_nothing_left(self.pods());
         (r, d.insert_failed, d.drop)
     }
 }
@@ -277,9 +259,9 @@ impl Lab {
 fn resolvers_retry_exactly_the_queries_the_snat_race_dropped() {
     require_root();
     let _s = serial();
-    let p = "lcsnat";
+    let p = topology::PREFIX;
     {
-        let lab = Lab::new(p, 3, false);
+        let lab = Lab::new(3, false);
         let mut clashes = 0;
         for base_port in [42000, 46000, 50000] {
             clashes += check_retries_match_insert_failed(&lab, base_port);
@@ -362,14 +344,14 @@ fn check_retries_match_insert_failed(lab: &Lab, base_port: u16) -> u32 {
 fn resolvers_need_no_retry_with_fully_random_or_ephemeral_ports() {
     require_root();
     let _s = serial();
-    let p = "lcok";
+    let p = topology::PREFIX;
     {
-        let random = Lab::new(p, 3, true);
+        let random = Lab::new(3, true);
         let (r, insert_failed, _) = random.run(&Lab::params(43000, 100));
         assert_eq!((insert_failed, r.lost_first_try), (0, 0), "fully-random");
         assert_eq!((r.answered, r.unanswered), (600, 0));
         drop(random);
-        let plain = Lab::new(p, 3, false);
+        let plain = Lab::new(3, false);
         let (r, insert_failed, _) = plain.run(&Lab::params(0, 100));
         assert_eq!((insert_failed, r.lost_first_try), (0, 0), "ephemeral ports");
         assert_eq!((r.answered, r.unanswered), (600, 0));
@@ -395,11 +377,11 @@ fn resolvers_need_no_retry_with_fully_random_or_ephemeral_ports() {
 fn a_killed_client_ends_the_run_promptly_and_leaves_nothing() {
     require_root();
     let _s = serial();
-    let p = "lckill";
+    let p = topology::PREFIX;
     {
-        let lab = Lab::new(p, 3, false);
+        let lab = Lab::new(3, false);
         let params = Lab::params(44000, 10_000);
-        let victim = &lab.pods[1];
+        let victim = &lab.pods()[1];
         let killed_at = Mutex::new(None);
         let result = std::thread::scope(|s| {
             s.spawn(|| {
@@ -416,7 +398,7 @@ fn a_killed_client_ends_the_run_promptly_and_leaves_nothing() {
                 assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGKILL) }, 0);
                 *killed_at.lock().unwrap() = Some(Instant::now());
             });
-            client::run_resolvers(3, |i| lab.pods[i].command(TRACER), &params)
+            client::run_resolvers(3, |i| lab.pods()[i].command(TRACER), &params)
         });
         let returned = Instant::now();
         let err = format!("{:#}", result.expect_err("the run went on without pod 1"));
@@ -427,7 +409,7 @@ fn a_killed_client_ends_the_run_promptly_and_leaves_nothing() {
             err.contains("resolver client 1") && err.contains("signal: 9"),
             "{err}"
         );
-        assert_nothing_left(&lab.pods);
+        assert_nothing_left(lab.pods());
 
         // A child that fails at set-up (no route to the server) says why.
         let unreachable = ResolverParams {
@@ -435,7 +417,7 @@ fn a_killed_client_ends_the_run_promptly_and_leaves_nothing() {
             ..Lab::params(45000, 10)
         };
         let t = Instant::now();
-        let err = client::run_resolvers(3, |i| lab.pods[i].command(TRACER), &unreachable)
+        let err = client::run_resolvers(3, |i| lab.pods()[i].command(TRACER), &unreachable)
             .expect_err("connected to an unreachable server");
         let err = format!("{err:#}");
         eprintln!("unreachable server: error after {:?}: {err}", t.elapsed());
@@ -444,13 +426,13 @@ fn a_killed_client_ends_the_run_promptly_and_leaves_nothing() {
             err.contains("connected to [fd00::53]:53") && err.contains("unreachable"),
             "{err}"
         );
-        assert_nothing_left(&lab.pods);
+        assert_nothing_left(lab.pods());
 
         // The wrong program: clap's complaint, and a hint.
-        let err = client::run_resolvers(3, |i| lab.pods[i].command("/bin/false"), &params)
+        let err = client::run_resolvers(3, |i| lab.pods()[i].command("/bin/false"), &params)
             .expect_err("/bin/false is no client");
         assert!(format!("{err:#}").contains("exit status: 1"), "{err:#}");
-        assert_nothing_left(&lab.pods);
+        assert_nothing_left(lab.pods());
     }
     assert_eq!(netns::leftovers(p), Vec::<String>::new());
 }
