@@ -39,7 +39,7 @@ use tracer::{
     events::{self, Event},
     lookups::{Config, Correlator},
     pods::{NodePaths, PodIndex, WorkloadKind},
-    traffic::{self, dns_query, QTYPE_A, QTYPE_AAAA},
+    traffic::{self, dns_query, dns_response as response, QTYPE_A, QTYPE_AAAA},
     verdict::Classifier,
 };
 use tracer_common::{
@@ -722,29 +722,6 @@ fn nf_record(
         cap_len: n as u32,
         payload,
     }
-}
-
-/// The answer to `query`: QR, RA, `rcode`, the question echoed, one A or AAAA record when
-/// `positive` (a pointer to the question name; as the correlator's tests build it).
-fn response(query: &[u8], rcode: u8, positive: bool) -> Vec<u8> {
-    let mut r = query.to_vec();
-    r[2] |= 0x80;
-    r[3] = 0x80 | rcode;
-    let qtype = u16::from_be_bytes([query[query.len() - 4], query[query.len() - 3]]);
-    if positive {
-        r[7] = 1;
-        r.extend_from_slice(&[0xc0, 12]);
-        r.extend_from_slice(&qtype.to_be_bytes());
-        r.extend_from_slice(&[0, 1, 0, 0, 0, 30]);
-        if qtype == QTYPE_AAAA {
-            r.extend_from_slice(&16u16.to_be_bytes());
-            r.extend_from_slice(&[0xfd, 0x77, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x99]);
-        } else {
-            r.extend_from_slice(&4u16.to_be_bytes());
-            r.extend_from_slice(&[10, 77, 0, 99]);
-        }
-    }
-    r
 }
 
 // --- the stages -------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ use super::*;
 use crate::{
     events::{Conntrack, FiveTuple, TaskInfo},
     pods::Workload,
-    traffic::{dns_query, QTYPE_A, QTYPE_AAAA},
+    traffic::{dns_query, dns_response as response, QTYPE_A, QTYPE_AAAA},
 };
 
 const MS: u64 = 1_000_000;
@@ -26,29 +26,6 @@ fn backend() -> SocketAddr {
 
 fn workload() -> Arc<Workload> {
     Arc::new(Workload::host(Some("test".into())))
-}
-
-/// A response to `query`: QR, RA, `rcode`, the question echoed, and one A or AAAA record
-/// (a pointer to the question name) when `answer` is set.
-fn response(query: &[u8], rcode: u8, answer: bool) -> Vec<u8> {
-    let mut r = query.to_vec();
-    r[2] |= 0x80;
-    r[3] = 0x80 | rcode;
-    let qtype = u16::from_be_bytes([query[query.len() - 4], query[query.len() - 3]]);
-    if answer {
-        r[7] = 1;
-        r.extend_from_slice(&[0xc0, 12]);
-        r.extend_from_slice(&qtype.to_be_bytes());
-        r.extend_from_slice(&[0, 1, 0, 0, 0, 30]);
-        if qtype == QTYPE_AAAA {
-            r.extend_from_slice(&16u16.to_be_bytes());
-            r.extend_from_slice(&[0xfd, 0x77, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x99]);
-        } else {
-            r.extend_from_slice(&4u16.to_be_bytes());
-            r.extend_from_slice(&[10, 77, 0, 99]);
-        }
-    }
-    r
 }
 
 struct Stream {

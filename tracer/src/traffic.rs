@@ -471,6 +471,31 @@ pub fn dns_query(id: u16, qname: &str, qtype: u16) -> Result<Vec<u8>> {
     Ok(q)
 }
 
+/// The answer to `query` (one from [`dns_query`]) as a server writes it: QR and RA set,
+/// `rcode`, the question echoed and, when `positive`, one record of the question's type
+/// (A 10.77.0.99 or AAAA fd77::99, TTL 30) whose name is a pointer to the question's.
+/// For tests and benchmarks that need real answer bytes without a server.
+pub fn dns_response(query: &[u8], rcode: u8, positive: bool) -> Vec<u8> {
+    let mut r = query.to_vec();
+    r[2] |= 0x80;
+    r[3] = 0x80 | rcode;
+    let qtype = u16::from_be_bytes([query[query.len() - 4], query[query.len() - 3]]);
+    if positive {
+        r[7] = 1;
+        r.extend_from_slice(&[0xc0, 12]);
+        r.extend_from_slice(&qtype.to_be_bytes());
+        r.extend_from_slice(&[0, 1, 0, 0, 0, 30]);
+        if qtype == QTYPE_AAAA {
+            r.extend_from_slice(&16u16.to_be_bytes());
+            r.extend_from_slice(&[0xfd, 0x77, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x99]);
+        } else {
+            r.extend_from_slice(&4u16.to_be_bytes());
+            r.extend_from_slice(&[10, 77, 0, 99]);
+        }
+    }
+    r
+}
+
 /// The header fields of a DNS reply, and the type of its first question.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct DnsReply {
