@@ -143,23 +143,9 @@ fn nightly() -> anyhow::Result<()> {
 
 fn cargo_fuzz(ws: &Workspace) -> anyhow::Result<()> {
     let bin = ws.tools_bin().join("cargo-fuzz");
-    let current = Command::new(&bin)
-        .arg("--version")
-        .output()
-        .ok()
-        .filter(|o| o.status.success())
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
-    if let Some(v) = &current {
-        if v.split_whitespace().any(|w| w == CARGO_FUZZ_VERSION) {
-            println!("fuzz-dns: cargo-fuzz: {} reports `{v}`", bin.display());
-            return Ok(());
-        }
+    if util::tool_at("fuzz-dns: cargo-fuzz", &bin, CARGO_FUZZ_VERSION) {
+        return Ok(());
     }
-    println!(
-        "fuzz-dns: cargo-fuzz: {} {}; installing {CARGO_FUZZ_VERSION} (~1 min)",
-        bin.display(),
-        current.map_or_else(|| "missing".to_string(), |v| format!("reports `{v}`")),
-    );
     util::run(
         ws.cargo()?
             .args([

@@ -138,23 +138,9 @@ pub(crate) fn llvm_major() -> anyhow::Result<u32> {
 
 fn bpf_linker(ws: &Workspace, major: u32) -> anyhow::Result<()> {
     let bin = ws.tools_bin().join("bpf-linker");
-    let current = Command::new(&bin)
-        .arg("--version")
-        .output()
-        .ok()
-        .filter(|o| o.status.success())
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
-    if let Some(v) = &current {
-        if v.split_whitespace().any(|w| w == BPF_LINKER_VERSION) {
-            println!("setup: bpf-linker: {} reports `{v}`", bin.display());
-            return Ok(());
-        }
+    if util::tool_at("setup: bpf-linker", &bin, BPF_LINKER_VERSION) {
+        return Ok(());
     }
-    println!(
-        "setup: bpf-linker: {} {}; installing {BPF_LINKER_VERSION} against LLVM {major} (~1 min)",
-        bin.display(),
-        current.map_or_else(|| "missing".to_string(), |v| format!("reports `{v}`")),
-    );
     let llvm_prefix = format!("/usr/lib/llvm-{major}");
     if !Path::new(&llvm_prefix).join("bin/llvm-config").exists() {
         bail!("setup: bpf-linker: {llvm_prefix}/bin/llvm-config not found (is llvm-{major}-dev installed?)");

@@ -60,6 +60,29 @@ impl Workspace {
 }
 
 /// Print the command, run it with inherited stdio, fail if it fails.
+/// A tool in `.tools/bin`: whether it reports `version` in its `--version` output. Prints
+/// what it found, prefixed with `who`.
+pub(crate) fn tool_at(who: &str, bin: &std::path::Path, version: &str) -> bool {
+    let current = Command::new(bin)
+        .arg("--version")
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
+    let ok = current
+        .as_deref()
+        .is_some_and(|v| v.split_whitespace().any(|w| w == version));
+    match &current {
+        Some(v) if ok => println!("{who}: {} reports `{v}`", bin.display()),
+        Some(v) => println!(
+            "{who}: {} reports `{v}`; installing {version}",
+            bin.display()
+        ),
+        None => println!("{who}: {} missing; installing {version}", bin.display()),
+    }
+    ok
+}
+
 pub(crate) fn run(cmd: &mut Command) -> anyhow::Result<()> {
     let shown = show(cmd);
     println!("+ {shown}");
