@@ -549,7 +549,7 @@ impl Correlator {
             ts_ns: ev.ts_ns,
             verdict: f.verdict,
             netns: f.netns,
-            lost: f.verdict.lost_packet() && ev_kind_lost(ev),
+            lost: f.verdict.lost_packet(),
             attribution: "packet",
             reply,
             nat_to: ev
@@ -904,11 +904,6 @@ impl Correlator {
             self.closing.push_back((end_ns, l));
         }
     }
-}
-
-/// Whether a drop event stands for a lost packet (a clash event is the kernel resolving).
-fn ev_kind_lost(ev: &NfDropEvent) -> bool {
-    !ev.source.contains("resolve_clash")
 }
 
 /// `q` is one of an A/AAAA pair sent on the same tuple (the pair that can race).
