@@ -92,13 +92,16 @@ impl Explainer {
     fn path_of(&mut self, netns: u32) -> Option<PathBuf> {
         match self.paths.get(&netns) {
             // Namespace inodes are reused: a path found earlier may now open nothing, or
-            // another namespace. Then the one with this inode is new: forget the old one's
-            // books (the new one's counters started at zero) and look for it now.
+            // another namespace. Look again; a namespace found with this inode is a new one,
+            // whose counters started at zero, so the old one's books go. A namespace that
+            // is simply gone keeps its books (its last reading still counts).
             Some(p) if !fs::metadata(p).is_ok_and(|m| m.ino() as u32 == netns) => {
                 log::debug!("netns {netns}: {} is stale", p.display());
                 self.paths.remove(&netns);
-                self.classifier.forget(netns);
                 self.rescan();
+                if self.paths.contains_key(&netns) {
+                    self.classifier.forget(netns);
+                }
             }
             Some(_) => {}
             None if self.last_scan.elapsed() > RESCAN_EVERY => self.rescan(),
