@@ -32,6 +32,10 @@ const TOOL_PACKAGES: &[&str] = &[
     "util-linux",
     "iputils-ping",
     "musl-tools",
+    // The postmortem checks: tshark reads the exported pcapng, headless Chromium renders
+    // the HTML report (screenshot + DOM).
+    "tshark",
+    "chromium",
 ];
 
 pub(crate) const DEBIAN_RUSTC: &str = "/usr/bin/rustc";
