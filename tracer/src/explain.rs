@@ -1,129 +1,54 @@
-//! Findings for a live run: reads the conntrack counters of the network namespaces drops
-//! happen in (over ctnetlink, inside each netns) and feeds them with the events to the
+//! Findings: feeds drop events and conntrack counter readings (asked of the [`Node`]: over
+//! ctnetlink inside each netns on a live run, from the recording on a replay) to the
 //! [`Classifier`].
 
-use std::{
-    collections::BTreeMap,
-    fs,
-    os::unix::fs::MetadataExt as _,
-    path::{Path, PathBuf},
-    time::{Duration, Instant},
-};
+use std::{collections::BTreeMap, path::Path};
 
 use crate::{
-    ctstats::{self, CpuStats, TupleDir},
+    ctstats::{CpuStats, TupleDir},
     events::NfDropEvent,
+    node::Node,
     verdict::{is_rule_engine, Classifier, Finding, Verdict, PRECISE_CONFIRM_SOURCES},
 };
 
-/// Network namespace inode -> a path that opens it (`/run/netns/NAME`, `/proc/PID/ns/net`).
-pub fn scan_netns() -> BTreeMap<u32, PathBuf> {
-    let mut out = BTreeMap::new();
-    let mut add = |p: PathBuf| {
-        if let Ok(m) = fs::metadata(&p) {
-            out.entry(m.ino() as u32).or_insert(p);
-        }
-    };
-    if let Ok(dir) = fs::read_dir("/run/netns") {
-        for e in dir.flatten() {
-            add(e.path());
-        }
-    }
-    if let Ok(dir) = fs::read_dir("/proc") {
-        for e in dir.flatten() {
-            if e.file_name()
-                .to_string_lossy()
-                .bytes()
-                .all(|b| b.is_ascii_digit())
-            {
-                add(e.path().join("ns/net"));
-            }
-        }
-    }
-    out
-}
-
+#[derive(Default)]
 pub struct Explainer {
     classifier: Classifier,
-    paths: BTreeMap<u32, PathBuf>,
-    last_scan: Instant,
 }
-
-/// How often an unknown netns may trigger a rescan of /proc.
-const RESCAN_EVERY: Duration = Duration::from_millis(500);
 
 impl Explainer {
     /// Baselines the counters of every network namespace that exists now.
-    pub fn start() -> Self {
-        let paths = scan_netns();
+    pub fn start(node: &mut dyn Node) -> Self {
         let mut classifier = Classifier::new();
-        for (inum, path) in &paths {
-            match ctstats::read_in(path) {
-                Ok(s) => classifier.baseline(*inum, &s.totals()),
-                Err(e) => log::debug!(
-                    "no conntrack statistics for netns {inum} ({}): {e}",
-                    path.display()
-                ),
-            }
+        for (inum, stats) in node.baselines() {
+            classifier.baseline(inum, &stats);
         }
-        Explainer {
-            classifier,
-            paths,
-            last_scan: Instant::now(),
-        }
+        Explainer { classifier }
     }
 
     /// Adds (and baselines) a namespace the caller knows about.
-    pub fn track(&mut self, path: &Path) -> anyhow::Result<u32> {
-        let inum = fs::metadata(path)?.ino() as u32;
-        let s = ctstats::read_in(path)?;
-        self.classifier.baseline(inum, &s.totals());
-        self.paths.insert(inum, path.to_owned());
+    pub fn track(&mut self, node: &mut dyn Node, path: &Path) -> anyhow::Result<u32> {
+        let (inum, stats) = node.track(path).map_err(anyhow::Error::msg)?;
+        self.classifier.baseline(inum, &stats);
         Ok(inum)
     }
 
-    fn rescan(&mut self) {
-        self.last_scan = Instant::now();
-        for (k, v) in scan_netns() {
-            self.paths.entry(k).or_insert(v);
+    fn read(&mut self, node: &mut dyn Node, netns: u32) -> Option<CpuStats> {
+        let a = node.counters(netns);
+        if a.reborn {
+            self.classifier.forget(netns);
         }
-    }
-
-    fn path_of(&mut self, netns: u32) -> Option<PathBuf> {
-        match self.paths.get(&netns) {
-            // Namespace inodes are reused: a path found earlier may now open nothing, or
-            // another namespace. Look again; a namespace found with this inode is a new one,
-            // whose counters started at zero, so the old one's books go. A namespace that
-            // is simply gone keeps its books (its last reading still counts).
-            Some(p) if !fs::metadata(p).is_ok_and(|m| m.ino() as u32 == netns) => {
-                log::debug!("netns {netns}: {} is stale", p.display());
-                self.paths.remove(&netns);
-                self.rescan();
-                if self.paths.contains_key(&netns) {
-                    self.classifier.forget(netns);
-                }
-            }
-            Some(_) => {}
-            None if self.last_scan.elapsed() > RESCAN_EVERY => self.rescan(),
-            None => {}
-        }
-        self.paths.get(&netns).cloned()
-    }
-
-    fn read(&mut self, netns: u32) -> Option<CpuStats> {
-        let path = self.path_of(netns)?;
-        match ctstats::read_in(&path) {
-            Ok(s) => Some(s.totals()),
-            Err(e) => {
-                log::debug!("conntrack statistics of netns {netns}: {e}");
-                None
-            }
-        }
+        a.value
     }
 
     /// The finding for one netfilter drop; `None` when a precise source already reported
     /// the same packet.
-    pub fn drop_event(&mut self, ev: &NfDropEvent, location_sym: &str) -> Option<Finding> {
+    pub fn drop_event(
+        &mut self,
+        node: &mut dyn Node,
+        ev: &NfDropEvent,
+        location_sym: &str,
+    ) -> Option<Finding> {
         // The counters move before the packet is freed, so a reading taken now covers it.
         // A rule's drop and an insert failure seen where it happened do not depend on the
         // counters: no reading (a netlink round trip in the netns) for those, which are also
@@ -132,7 +57,7 @@ impl Explainer {
         let stats = if precise || is_rule_engine(location_sym) {
             None
         } else {
-            self.read(ev.netns)
+            self.read(node, ev.netns)
         };
         let mut f = self
             .classifier
@@ -141,7 +66,7 @@ impl Explainer {
             f.verdict,
             Verdict::SnatPortClash | Verdict::InsertClashDropped
         ) {
-            self.name_the_winner(&mut f);
+            self.name_the_winner(node, &mut f);
         }
         Some(f)
     }
@@ -154,15 +79,19 @@ impl Explainer {
     /// Looks up the entry the loser clashed with: the one holding its translated reply
     /// tuple (SNAT port clash) or its original tuple (insert race). The kernel matches a
     /// tuple against both directions of every entry; the loser itself was never inserted.
-    fn name_the_winner(&mut self, f: &mut Finding) {
-        let (Some(ct), Some(path)) = (f.conntrack.clone(), self.path_of(f.netns)) else {
+    fn name_the_winner(&mut self, node: &mut dyn Node, f: &mut Finding) {
+        let Some(ct) = f.conntrack.clone() else {
             return;
         };
         let (dir, key) = match f.verdict {
             Verdict::SnatPortClash => (TupleDir::Reply, ct.reply),
             _ => (TupleDir::Orig, ct.orig),
         };
-        match ctstats::lookup_in(&path, dir, &key) {
+        let answer = node.winner(f.netns, dir, &key);
+        if answer.reborn {
+            self.classifier.forget(f.netns);
+        }
+        match answer.value {
             Ok(Some(winner)) => {
                 if f.verdict == Verdict::SnatPortClash {
                     f.explanation += &format!(
@@ -193,11 +122,11 @@ impl Explainer {
 
     /// Counter-only findings (resolved clashes, early drops, INVALID) of every namespace
     /// whose books are open.
-    pub fn poll(&mut self, ts_ns: u64) -> Vec<Finding> {
+    pub fn poll(&mut self, node: &mut dyn Node, ts_ns: u64) -> Vec<Finding> {
         let netns: Vec<u32> = self.classifier.deltas().keys().copied().collect();
         let mut out = Vec::new();
         for n in netns {
-            if let Some(s) = self.read(n) {
+            if let Some(s) = self.read(node, n) {
                 out.extend(self.classifier.counters(n, ts_ns, &s));
             }
         }

@@ -15,6 +15,7 @@ pub mod lab;
 pub mod lookups;
 pub mod metrics;
 pub mod netns;
+pub mod node;
 pub mod offsets;
 pub mod output;
 pub mod pipeline;

@@ -6,9 +6,9 @@ use std::sync::Arc;
 use crate::{
     events::{self, DecodeError, Event},
     explain::Explainer,
-    kallsyms::Symbols,
     lookups::{Config, Correlator, Lookup},
-    pods::{PodIndex, Workload},
+    node::Node,
+    pods::Workload,
     verdict::Finding,
 };
 
@@ -29,19 +29,24 @@ pub enum Item<'a> {
 
 pub struct Pipeline {
     pub explainer: Explainer,
-    pub pods: PodIndex,
+    /// Everything asked of the node besides the events (live, recorded or replayed).
+    pub node: Box<dyn Node>,
     pub correlator: Correlator,
-    pub symbols: Symbols,
 }
 
 impl Pipeline {
-    pub fn new(explainer: Explainer, pods: PodIndex, cfg: Config, symbols: Symbols) -> Self {
+    /// Baselines the counters of every network namespace the node has now.
+    pub fn new(mut node: Box<dyn Node>, cfg: Config) -> Self {
         Pipeline {
-            explainer,
-            pods,
+            explainer: Explainer::start(node.as_mut()),
+            node,
             correlator: Correlator::new(cfg),
-            symbols,
         }
+    }
+
+    /// Adds (and baselines) a namespace the caller knows by path.
+    pub fn track(&mut self, path: &std::path::Path) -> anyhow::Result<u32> {
+        self.explainer.track(self.node.as_mut(), path)
     }
 
     /// One ring-buffer record.
@@ -65,8 +70,8 @@ impl Pipeline {
         match ev {
             Event::DnsSend(d) | Event::DnsRecv(d) => {
                 let w = self
-                    .pods
-                    .resolve(d.task.cgroup_id, d.task.netns, d.task.pid);
+                    .node
+                    .workload(d.task.cgroup_id, d.task.netns, d.task.pid);
                 sink(Item::Event {
                     ev,
                     workload: Some(w.clone()),
@@ -80,8 +85,8 @@ impl Pipeline {
             Event::NfDrop(n) | Event::CtClash(n) => {
                 sink(Item::Event { ev, workload: None })?;
                 let finding = if matches!(ev, Event::NfDrop(_)) {
-                    let sym = self.symbols.resolve(n.location);
-                    self.explainer.drop_event(n, &sym)
+                    let sym = self.node.symbol(n.location);
+                    self.explainer.drop_event(self.node.as_mut(), n, &sym)
                 } else {
                     self.explainer.clash_event(n)
                 };
@@ -103,7 +108,7 @@ impl Pipeline {
         now_ns: u64,
         sink: &mut impl FnMut(Item<'_>) -> Result<(), E>,
     ) -> Result<(), E> {
-        for f in self.explainer.poll(now_ns) {
+        for f in self.explainer.poll(self.node.as_mut(), now_ns) {
             self.correlator.on_counter_finding(&f);
             sink(Item::Finding {
                 finding: &f,

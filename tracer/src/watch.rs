@@ -17,10 +17,10 @@ use tokio::{
 
 use crate::{
     events::Event,
-    explain::Explainer,
     kallsyms::Symbols,
     lookups,
     metrics::Metrics,
+    node::LiveNode,
     output::{monotonic_ns, Clock, Printer, Style},
     pipeline::{Item, Pipeline},
     pods::{NodePaths, PodIndex},
@@ -144,7 +144,7 @@ pub async fn run(args: WatchArgs) -> anyhow::Result<()> {
         hold_ns: HOLD.as_nanos() as u64,
         ..lookups::Config::default()
     };
-    let mut pipeline = Pipeline::new(Explainer::start(), pods, cfg, symbols);
+    let mut pipeline = Pipeline::new(Box::new(LiveNode::new(symbols, pods)), cfg);
     let mut show = Show {
         printer: &mut printer,
         counts: &mut counts,

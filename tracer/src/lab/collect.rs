@@ -17,9 +17,9 @@ use anyhow::Context as _;
 use crate::{
     ctstats::CpuStats,
     events::Event,
-    explain::Explainer,
     kallsyms::Symbols,
     lookups::{self, Lookup},
+    node::LiveNode,
     output::monotonic_ns,
     pipeline::{Item, Pipeline},
     plan::PlanReport,
@@ -81,15 +81,16 @@ impl Collector {
                     let ring = session.take_events()?;
                     let symbols = Symbols::new("/proc/kallsyms");
                     symbols.load();
-                    let mut explainer = Explainer::start();
+                    let node = LiveNode::new(symbols, PodIndex::new(node));
+                    let mut pipeline = Pipeline::new(Box::new(node), lookups);
                     for p in &track {
-                        explainer
+                        pipeline
                             .track(p)
                             .with_context(|| format!("conntrack statistics of {}", p.display()))?;
                     }
-                    Ok((session, ring, explainer, symbols))
+                    Ok((session, ring, pipeline))
                 })();
-                let (session, mut ring, explainer, symbols) = match setup {
+                let (session, mut ring, mut pipeline) = match setup {
                     Ok(v) => {
                         let _ = ready_tx.send(Ok(()));
                         v
@@ -99,7 +100,6 @@ impl Collector {
                         return Err(e);
                     }
                 };
-                let mut pipeline = Pipeline::new(explainer, PodIndex::new(node), lookups, symbols);
                 let mut out = Collected {
                     plan: Some(session.plan.clone()),
                     ..Collected::default()

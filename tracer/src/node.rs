@@ -1,0 +1,182 @@
+//! What the pipeline asks of the node it runs on, besides the events themselves: conntrack
+//! counter readings and entry lookups (over ctnetlink, inside a netns), kernel symbol names
+//! and who is behind a cgroup. [`LiveNode`] asks the kernel and the filesystem; a recording
+//! writes each answer down (`trace::Recording`) and a replay gives the same answers back in
+//! the same order (`trace::Replay`), so a recorded run replays to the same findings.
+
+use std::{
+    collections::BTreeMap,
+    fs,
+    os::unix::fs::MetadataExt as _,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use crate::{
+    ctstats::{self, CpuStats, CtEntry, TupleDir},
+    events::FiveTuple,
+    kallsyms::Symbols,
+    pods::{PodIndex, Workload},
+};
+
+/// An answer about a network namespace, and whether the inode it is known by now names a
+/// new namespace (the old one's books must go: the new one's counters started at zero).
+#[derive(Debug, Clone, PartialEq)]
+pub struct NsAnswer<T> {
+    pub reborn: bool,
+    pub value: T,
+}
+
+pub trait Node: Send {
+    /// The counters of every network namespace that exists now (the start of a run).
+    fn baselines(&mut self) -> Vec<(u32, CpuStats)>;
+    /// Adds a namespace the caller knows by path; its inode and counters.
+    fn track(&mut self, path: &Path) -> Result<(u32, CpuStats), String>;
+    /// The counters of `netns` now; `None` when it can not be read (gone, no conntrack).
+    fn counters(&mut self, netns: u32) -> NsAnswer<Option<CpuStats>>;
+    /// The entry holding `key` in direction `dir` in `netns`.
+    fn winner(
+        &mut self,
+        netns: u32,
+        dir: TupleDir,
+        key: &FiveTuple,
+    ) -> NsAnswer<Result<Option<CtEntry>, String>>;
+    /// `symbol+0xoff` of a kernel text address.
+    fn symbol(&mut self, addr: u64) -> String;
+    /// Who is behind a cgroup / netns / pid.
+    fn workload(&mut self, cgroup_id: u64, netns: u32, pid: Option<u32>) -> Arc<Workload>;
+}
+
+/// Network namespace inode -> a path that opens it (`/run/netns/NAME`, `/proc/PID/ns/net`).
+pub fn scan_netns() -> BTreeMap<u32, PathBuf> {
+    let mut out = BTreeMap::new();
+    let mut add = |p: PathBuf| {
+        if let Ok(m) = fs::metadata(&p) {
+            out.entry(m.ino() as u32).or_insert(p);
+        }
+    };
+    if let Ok(dir) = fs::read_dir("/run/netns") {
+        for e in dir.flatten() {
+            add(e.path());
+        }
+    }
+    if let Ok(dir) = fs::read_dir("/proc") {
+        for e in dir.flatten() {
+            if e.file_name()
+                .to_string_lossy()
+                .bytes()
+                .all(|b| b.is_ascii_digit())
+            {
+                add(e.path().join("ns/net"));
+            }
+        }
+    }
+    out
+}
+
+/// How often an unknown netns may trigger a rescan of /proc.
+const RESCAN_EVERY: Duration = Duration::from_millis(500);
+
+/// The node this process runs on.
+pub struct LiveNode {
+    paths: BTreeMap<u32, PathBuf>,
+    last_scan: Instant,
+    symbols: Symbols,
+    pods: PodIndex,
+}
+
+impl LiveNode {
+    pub fn new(symbols: Symbols, pods: PodIndex) -> Self {
+        LiveNode {
+            paths: scan_netns(),
+            last_scan: Instant::now(),
+            symbols,
+            pods,
+        }
+    }
+
+    fn rescan(&mut self) {
+        self.last_scan = Instant::now();
+        for (k, v) in scan_netns() {
+            self.paths.entry(k).or_insert(v);
+        }
+    }
+
+    /// A path that opens `netns`, and whether its inode now names a new namespace.
+    fn path_of(&mut self, netns: u32) -> (bool, Option<PathBuf>) {
+        let mut reborn = false;
+        match self.paths.get(&netns) {
+            // Namespace inodes are reused: a path found earlier may now open nothing, or
+            // another namespace. Look again; a namespace found with this inode is a new one.
+            // A namespace that is simply gone keeps its books (its last reading still counts).
+            Some(p) if !fs::metadata(p).is_ok_and(|m| m.ino() as u32 == netns) => {
+                log::debug!("netns {netns}: {} is stale", p.display());
+                self.paths.remove(&netns);
+                self.rescan();
+                reborn = self.paths.contains_key(&netns);
+            }
+            Some(_) => {}
+            None if self.last_scan.elapsed() > RESCAN_EVERY => self.rescan(),
+            None => {}
+        }
+        (reborn, self.paths.get(&netns).cloned())
+    }
+}
+
+impl Node for LiveNode {
+    fn baselines(&mut self) -> Vec<(u32, CpuStats)> {
+        let mut out = Vec::new();
+        for (inum, path) in &self.paths {
+            match ctstats::read_in(path) {
+                Ok(s) => out.push((*inum, s.totals())),
+                Err(e) => log::debug!(
+                    "no conntrack statistics for netns {inum} ({}): {e}",
+                    path.display()
+                ),
+            }
+        }
+        out
+    }
+
+    fn track(&mut self, path: &Path) -> Result<(u32, CpuStats), String> {
+        let inum = fs::metadata(path).map_err(|e| e.to_string())?.ino() as u32;
+        let s = ctstats::read_in(path).map_err(|e| e.to_string())?;
+        self.paths.insert(inum, path.to_owned());
+        Ok((inum, s.totals()))
+    }
+
+    fn counters(&mut self, netns: u32) -> NsAnswer<Option<CpuStats>> {
+        let (reborn, path) = self.path_of(netns);
+        let value = path.and_then(|p| match ctstats::read_in(&p) {
+            Ok(s) => Some(s.totals()),
+            Err(e) => {
+                log::debug!("conntrack statistics of netns {netns}: {e}");
+                None
+            }
+        });
+        NsAnswer { reborn, value }
+    }
+
+    fn winner(
+        &mut self,
+        netns: u32,
+        dir: TupleDir,
+        key: &FiveTuple,
+    ) -> NsAnswer<Result<Option<CtEntry>, String>> {
+        let (reborn, path) = self.path_of(netns);
+        let value = match path {
+            Some(p) => ctstats::lookup_in(&p, dir, key).map_err(|e| e.to_string()),
+            None => Err(format!("netns {netns} is gone")),
+        };
+        NsAnswer { reborn, value }
+    }
+
+    fn symbol(&mut self, addr: u64) -> String {
+        self.symbols.resolve(addr)
+    }
+
+    fn workload(&mut self, cgroup_id: u64, netns: u32, pid: Option<u32>) -> Arc<Workload> {
+        self.pods.resolve(cgroup_id, netns, pid)
+    }
+}
