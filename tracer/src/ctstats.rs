@@ -141,7 +141,7 @@ pub enum CtStatsError {
 
 /// One CPU's counters (`struct ip_conntrack_stat`), as `conntrack -S` shows them.
 /// Attributes the kernel did not send stay 0.
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct CpuStats {
     /// CPU number; `u16::MAX` in [`CtStats::totals`].
     pub cpu: u16,
@@ -837,7 +837,7 @@ const REQ_LOOKUP: &str = "IPCTNL_MSG_CT_GET";
 
 /// Which direction of an entry a looked-up tuple is given as (`CTA_TUPLE_ORIG` or
 /// `CTA_TUPLE_REPLY`). The kernel matches the tuple against both directions either way.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum TupleDir {
     Orig,
@@ -849,7 +849,7 @@ pub enum TupleDir {
 /// For ICMP and ICMPv6 tuples the ports hold what `struct nf_conntrack_tuple` holds in their
 /// place (and what the eBPF side reads there): `src.port()` is the echo id, `dst.port()` is
 /// `type << 8 | code`. Protocols without ports have port 0.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct CtEntry {
     pub orig: FiveTuple,
     pub reply: FiveTuple,

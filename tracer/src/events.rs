@@ -5,7 +5,7 @@ use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
 };
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tracer_common::{
     DnsPacket, EventKind, Header, NfEvent, SourceId, Task, Tuple, AF_INET, AF_INET6, CT_FLAG_OTHER,
     CT_FLAG_PRESENT, DNS_FLAG_BATCH, DNS_FLAG_NO_TASK, DNS_PAYLOAD_CAP, DROP_PAYLOAD_CAP,
@@ -98,7 +98,7 @@ pub struct TaskInfo {
     pub netns: u32,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FiveTuple {
     pub proto: u8,
     pub src: SocketAddr,

@@ -16,6 +16,9 @@ pub struct Explainer {
     classifier: Classifier,
 }
 
+/// The explainer's books at one moment (the head of a trace segment after a rotation).
+pub type Books = Classifier;
+
 impl Explainer {
     /// Baselines the counters of every network namespace that exists now.
     pub fn start(node: &mut dyn Node) -> Self {
@@ -24,6 +27,15 @@ impl Explainer {
             classifier.baseline(inum, &stats);
         }
         Explainer { classifier }
+    }
+
+    /// A copy of the books, to restore a replay that starts mid-run.
+    pub fn books(&self) -> Books {
+        self.classifier.clone()
+    }
+
+    pub fn restore(&mut self, books: Books) {
+        self.classifier = books;
     }
 
     /// Adds (and baselines) a namespace the caller knows about.

@@ -1,17 +1,21 @@
 //! Kernel text addresses -> `symbol+0xoff`, from `/proc/kallsyms`, read once (lazily, or
 //! up front with [`Symbols::load`]: parsing takes most of a second in a debug build, which a
 //! drop must not wait for while its network namespace may be going away). Clones share the
-//! table.
+//! table. A replay has no kallsyms: its names are the ones the recording kept
+//! ([`Symbols::known`]).
 
 use std::{
+    collections::HashMap,
     path::PathBuf,
-    sync::{Arc, OnceLock},
+    sync::{Arc, OnceLock, RwLock},
 };
 
 #[derive(Clone)]
 pub struct Symbols {
     path: PathBuf,
     table: Arc<OnceLock<Vec<(u64, String)>>>,
+    /// Names given by address (a replay); `None`: read kallsyms.
+    known: Option<Arc<RwLock<HashMap<u64, String>>>>,
 }
 
 impl Symbols {
@@ -19,6 +23,17 @@ impl Symbols {
         Symbols {
             path: path.into(),
             table: Arc::new(OnceLock::new()),
+            known: None,
+        }
+    }
+
+    /// Resolves from `names` only (filled by whoever holds it); unknown addresses print as
+    /// hex.
+    pub fn known(names: Arc<RwLock<HashMap<u64, String>>>) -> Self {
+        Symbols {
+            path: PathBuf::new(),
+            table: Arc::new(OnceLock::new()),
+            known: Some(names),
         }
     }
 
@@ -49,6 +64,13 @@ impl Symbols {
     }
 
     pub fn resolve(&self, addr: u64) -> String {
+        if let Some(names) = &self.known {
+            let names = names.read().unwrap_or_else(|e| e.into_inner());
+            return names
+                .get(&addr)
+                .cloned()
+                .unwrap_or_else(|| format!("{addr:#x}"));
+        }
         let table = self.table();
         match table.partition_point(|(a, _)| *a <= addr) {
             0 => format!("{addr:#x}"),

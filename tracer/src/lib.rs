@@ -24,6 +24,7 @@ pub mod pods;
 pub mod preflight;
 pub mod session;
 pub mod timeline;
+pub mod trace;
 pub mod traffic;
 pub mod verdict;
 pub mod view;

@@ -27,7 +27,7 @@ use std::{
     sync::Arc,
 };
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::{
     dns,
@@ -39,7 +39,7 @@ use crate::{
 const MS: u64 = 1_000_000;
 const SEC: u64 = 1_000_000_000;
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Config {
     /// A and AAAA of one name sent this close together are siblings.
     pub sibling_window_ns: u64,

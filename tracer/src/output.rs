@@ -38,6 +38,11 @@ impl Clock {
         Clock { offset_ns }
     }
 
+    /// Wall-clock time minus monotonic time, in ns.
+    pub fn offset_ns(&self) -> i128 {
+        self.offset_ns
+    }
+
     pub fn wall(&self, ts_ns: u64) -> SystemTime {
         let ns = (ts_ns as i128 + self.offset_ns).max(0) as u128;
         SystemTime::UNIX_EPOCH + Duration::from_nanos(ns as u64)

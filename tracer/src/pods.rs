@@ -55,7 +55,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::preflight;
 
@@ -439,7 +439,7 @@ fn netns_inode(link: &Path) -> Option<u32> {
 
 // --- workloads -------------------------------------------------------------------------------
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum WorkloadKind {
     Pod,
@@ -448,7 +448,7 @@ pub enum WorkloadKind {
 }
 
 /// Who is behind an event.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Workload {
     pub kind: WorkloadKind,
     pub namespace: Option<String>,

@@ -13,7 +13,7 @@
 
 use std::collections::BTreeMap;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tracer_common::{IPS_DST_NAT, IPS_NAT_CLASH, IPS_SRC_NAT};
 
 use crate::{
@@ -129,7 +129,7 @@ pub fn is_rule_engine(location_sym: &str) -> bool {
 }
 
 /// Counter state of one netns: the last reading, and what the findings so far accounted for.
-#[derive(Debug, Default, Clone)]
+#[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
 struct Books {
     baseline: CpuStats,
     /// The latest reading (drops and polls).
@@ -156,9 +156,34 @@ impl Books {
 
 /// Turns drop events and counter readings into findings. Counter readings come from the
 /// caller (ctnetlink in production, synthetic in tests).
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Classifier {
+    #[serde(with = "as_pairs")]
     books: BTreeMap<u32, Books>,
+}
+
+/// A map as a list of `[key, value]` pairs: a trace line is an internally tagged enum, and
+/// serde reads number-like map keys back only as strings there.
+mod as_pairs {
+    use std::collections::BTreeMap;
+
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    pub fn serialize<K: Serialize, V: Serialize, S: Serializer>(
+        m: &BTreeMap<K, V>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        s.collect_seq(m.iter())
+    }
+
+    pub fn deserialize<'de, K, V, D>(d: D) -> Result<BTreeMap<K, V>, D::Error>
+    where
+        K: Deserialize<'de> + Ord,
+        V: Deserialize<'de>,
+        D: Deserializer<'de>,
+    {
+        Ok(Vec::<(K, V)>::deserialize(d)?.into_iter().collect())
+    }
 }
 
 impl Classifier {
