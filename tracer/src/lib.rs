@@ -18,6 +18,7 @@ pub mod netns;
 pub mod node;
 pub mod offsets;
 pub mod output;
+pub mod pcapng;
 pub mod pipeline;
 pub mod plan;
 pub mod pods;
