@@ -23,6 +23,7 @@ pub mod pipeline;
 pub mod plan;
 pub mod pods;
 pub mod preflight;
+pub mod report;
 pub mod session;
 pub mod timeline;
 pub mod trace;

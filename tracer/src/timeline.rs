@@ -78,12 +78,7 @@ pub fn render(l: &Lookup, clock: &Clock, style: Style) -> String {
             ),
         ));
         if let Some(f) = &q.fate {
-            let nat = match (f.nat_from, f.nat_to) {
-                (Some(from), Some(to)) => format!(", NATed {from} -> {to}"),
-                (None, Some(to)) => format!(", DNAT to {to}"),
-                (Some(from), None) => format!(", SNAT from {from}"),
-                (None, None) => String::new(),
-            };
+            let nat = nat(f);
             let head = if f.lost {
                 style.red(&format!("DROPPED {}", f.verdict.name()))
             } else {
@@ -120,10 +115,7 @@ pub fn render(l: &Lookup, clock: &Clock, style: Style) -> String {
                 rows.push((a.ts_ns, 2, format!("{label} answer {rcode}{tc}{data}")));
             }
             None if q.unanswered => {
-                let next = l.queries.iter().find(|r| {
-                    r.qname == q.qname && r.qtype == q.qtype && r.attempt == q.attempt + 1
-                });
-                let silent_until = next.map(|r| r.ts_ns).unwrap_or(l.end_ns);
+                let silent_until = silent_until(l, q);
                 rows.push((
                     silent_until.saturating_sub(1),
                     3,
@@ -164,6 +156,27 @@ pub fn render(l: &Lookup, clock: &Clock, style: Style) -> String {
     }
     let _ = writeln!(out, "  => {}", style.bold(&l.cause));
     out
+}
+
+/// `, NATed a -> b` / `, DNAT to b` / `, SNAT from a`: what NAT did to a packet with this
+/// fate (empty without NAT).
+pub(crate) fn nat(f: &crate::lookups::Fate) -> String {
+    match (f.nat_from, f.nat_to) {
+        (Some(from), Some(to)) => format!(", NATed {from} -> {to}"),
+        (None, Some(to)) => format!(", DNAT to {to}"),
+        (Some(from), None) => format!(", SNAT from {from}"),
+        (None, None) => String::new(),
+    }
+}
+
+/// When the resolver stopped waiting for `q`: its next attempt, or the end of the lookup.
+pub(crate) fn silent_until(l: &Lookup, q: &crate::lookups::Query) -> u64 {
+    l.queries
+        .iter()
+        .find(|r| r.qname == q.qname && r.qtype == q.qtype && r.attempt == q.attempt + 1)
+        .map(|r| r.ts_ns)
+        .unwrap_or(l.end_ns)
+        .max(q.ts_ns)
 }
 
 #[cfg(test)]

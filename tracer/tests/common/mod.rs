@@ -2,6 +2,8 @@
 //! a two-namespace lab (client and server joined by a veth pair).
 #![allow(dead_code, reason = "each test binary uses a different subset")]
 
+pub mod chromium;
+
 use std::{
     fs,
     net::IpAddr,
@@ -33,6 +35,12 @@ pub struct TracerRun {
 impl TracerRun {
     /// Starts `tracer watch --json` with `extra` args and waits for its ready file.
     pub fn start(extra: &[&str]) -> TracerRun {
+        Self::start_verb("watch", extra)
+    }
+
+    /// Starts `tracer VERB --json` (watch or record) with `extra` args, in which `{dir}`
+    /// stands for the run's own temporary directory, and waits for its ready file.
+    pub fn start_verb(verb: &str, extra: &[&str]) -> TracerRun {
         let dir =
             std::env::temp_dir().join(format!("tracer-test-{}-{}", std::process::id(), unique()));
         fs::create_dir_all(&dir).unwrap();
@@ -40,9 +48,13 @@ impl TracerRun {
         let out = fs::File::create(dir.join("out.jsonl")).unwrap();
         let err = fs::File::create(dir.join("err.log")).unwrap();
         let child = Command::new(TRACER)
-            .args(["watch", "--json", "--ready-file"])
+            .args([verb, "--json", "--ready-file"])
             .arg(&ready)
-            .args(extra)
+            .args(
+                extra
+                    .iter()
+                    .map(|a| a.replace("{dir}", &dir.display().to_string())),
+            )
             .stdout(out)
             .stderr(err)
             .spawn()
@@ -69,6 +81,21 @@ impl TracerRun {
         run
     }
 
+    /// The run's temporary directory (removed on drop).
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Its stdout so far.
+    pub fn stdout(&self) -> String {
+        fs::read_to_string(self.dir.join("out.jsonl")).unwrap_or_default()
+    }
+
+    /// The process id (for a SIGKILL).
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
     pub fn stderr(&self) -> String {
         fs::read_to_string(self.dir.join("err.log")).unwrap_or_default()
     }
@@ -81,13 +108,22 @@ impl TracerRun {
 
     /// Stops the tracer with `sig` (SIGINT or SIGTERM) and returns every JSON line it wrote.
     pub fn stop_with(mut self, sig: i32) -> Vec<Value> {
+        let text = self.stop_raw(sig);
+        text.lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad JSON line {l:?}: {e}")))
+            .collect()
+    }
+
+    /// Stops the tracer with `sig`, asserts a clean exit, and returns its stdout as written.
+    pub fn stop_raw(&mut self, sig: i32) -> String {
         let mut child = self.child.take().unwrap();
         signal(child.id(), sig);
-        let status = wait_timeout(&mut child, Duration::from_secs(10)).unwrap_or_else(|| {
+        // `record --bundle` replays the trace and packs the bundle before it exits.
+        let status = wait_timeout(&mut child, Duration::from_secs(60)).unwrap_or_else(|| {
             let _ = child.kill();
             let _ = child.wait();
             panic!(
-                "tracer did not stop within 10 s of signal {sig}:\n{}",
+                "tracer did not stop within 60 s of signal {sig}:\n{}",
                 self.stderr()
             )
         });
@@ -96,10 +132,14 @@ impl TracerRun {
             "tracer exited with {status}:\n{}",
             self.stderr()
         );
-        let text = fs::read_to_string(self.dir.join("out.jsonl")).unwrap();
-        text.lines()
-            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad JSON line {l:?}: {e}")))
-            .collect()
+        fs::read_to_string(self.dir.join("out.jsonl")).unwrap()
+    }
+
+    /// Ends the tracer with SIGKILL (nothing of it runs after) and reaps it.
+    pub fn kill(&mut self) {
+        let mut child = self.child.take().unwrap();
+        signal(child.id(), libc::SIGKILL);
+        let _ = wait_timeout(&mut child, Duration::from_secs(10));
     }
 }
 
@@ -200,4 +240,118 @@ pub fn summary(events: &[Value]) -> &Value {
         .rev()
         .find(|e| e["type"] == "summary")
         .expect("no summary line")
+}
+
+/// The lab's namespace prefix.
+pub const PREFIX: &str = tracer::lab::topology::PREFIX;
+
+/// Runs `tracer lab ARGS --json --quiet` and returns the report; asserts a clean exit,
+/// all checks ok, no tracer losses and no namespace left behind.
+pub fn lab(args: &[&str]) -> Value {
+    lab_checked(args, true)
+}
+
+/// As [`lab`]; `programs`: also check no tracer program is loaded afterwards (false while
+/// another tracer is attached on purpose).
+pub fn lab_checked(args: &[&str], programs: bool) -> Value {
+    require_root();
+    let out = Command::new(TRACER)
+        .arg("lab")
+        .args(args)
+        .args(["--json", "--quiet"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let report: Value = stdout
+        .lines()
+        .last()
+        .and_then(|l| serde_json::from_str(l).ok())
+        .unwrap_or_else(|| panic!("no report from `tracer lab {args:?}`:\n{stdout}\n{stderr}"));
+    assert_eq!(report["type"], "lab_report");
+    for c in report["checks"].as_array().unwrap() {
+        assert_eq!(c["ok"], true, "check failed: {c}\n{report:#}");
+    }
+    assert!(
+        out.status.success(),
+        "tracer lab {args:?} failed:\n{stderr}"
+    );
+    assert_eq!(report["tracer_lost"], 0);
+    assert_eq!(report["decode_errors"], 0);
+    assert_no_leftovers_but(programs);
+    report
+}
+
+pub fn assert_no_leftovers() {
+    assert_no_leftovers_but(true);
+}
+
+pub fn assert_no_leftovers_but(programs: bool) {
+    assert!(
+        tracer::netns::leftovers(PREFIX).is_empty(),
+        "lab namespaces left: {:?}",
+        tracer::netns::leftovers(PREFIX)
+    );
+    let etc: Vec<String> = std::fs::read_dir("/etc/netns")
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with(PREFIX))
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(etc.is_empty(), "/etc/netns entries left: {etc:?}");
+    let cgroups = tracer::lab::kubepods::leftovers();
+    assert!(cgroups.is_empty(), "pod cgroup trees left: {cgroups:?}");
+    // No process that ran in or for a lab namespace (dnsmasq, clients), no temp dir.
+    let procs: Vec<String> = std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+        .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+        .filter(|c| c.contains(&format!("{PREFIX}-")))
+        .collect();
+    assert!(procs.is_empty(), "lab processes left: {procs:?}");
+    let tmp: Vec<String> = std::fs::read_dir(std::env::temp_dir())
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(&format!("{PREFIX}-")))
+        .collect();
+    assert!(tmp.is_empty(), "lab temp dirs left: {tmp:?}");
+    // No tracer program still loaded once the lab has exited. The kernel frees a program
+    // asynchronously after its last file descriptor closes, so give it a bounded moment.
+    if !programs {
+        return;
+    }
+    let ours = [
+        "dns_egress",
+        "dns_ingress",
+        "nf_kfree_skb",
+        "sendmmsg_enter",
+        "sendmmsg_exit",
+    ];
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        let out = Command::new("bpftool")
+            .args(["prog", "show", "--json"])
+            .output()
+            .expect("bpftool (cargo xtask setup installs it)");
+        let progs: Value = serde_json::from_slice(&out.stdout).unwrap();
+        let left: Vec<Value> = progs
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|p| ours.iter().any(|n| p["name"] == *n))
+            .cloned()
+            .collect();
+        if left.is_empty() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "tracer programs still loaded 3 s after the lab exited: {left:#?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
