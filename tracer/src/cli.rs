@@ -27,6 +27,14 @@ pub struct Cli {
 pub enum Command {
     /// Stream DNS queries, replies and netfilter drops as the kernel sees them.
     Watch(WatchCmd),
+    /// `watch` that records a trace (`--output`) and/or a postmortem bundle (`--bundle`).
+    Record(RecordCmd),
+    /// Run a recorded trace through the same pipeline, offline: the same findings and
+    /// lookups as the live run.
+    Replay(ReplayCmd),
+    /// A self-contained HTML page (and a Perfetto trace) of a trace or bundle: per-pod
+    /// timelines of the lookups with their drops, retries and the time lost.
+    Report(ReportCmd),
     /// Show which kernel source serves each signal on this machine, and why others were refused.
     Probes(ProbesCmd),
     /// Show the kernel struct offsets resolved from BTF.
@@ -283,6 +291,15 @@ pub struct WatchCmd {
     /// /var/log/pods and /var/lib/kubelet/pods are read under it.
     #[arg(long, default_value = "/")]
     pub root: PathBuf,
+    #[command(flatten)]
+    pub view: ViewOpts,
+    #[command(flatten)]
+    pub output: OutputOpts,
+}
+
+/// What the terminal shows (watch and replay).
+#[derive(Debug, Clone, Args)]
+pub struct ViewOpts {
     /// Only this Kubernetes namespace.
     #[arg(long)]
     pub namespace: Option<String>,
@@ -306,6 +323,126 @@ pub struct WatchCmd {
     /// Colour: auto (on a terminal), always or never.
     #[arg(long, value_enum, default_value = "auto")]
     pub color: ColorChoice,
+}
+
+impl ViewOpts {
+    pub fn view(self) -> View {
+        View {
+            filter: Filter {
+                namespace: self.namespace,
+                pod: self.pod,
+                qname: self.qname,
+                verdicts: self.verdicts,
+            },
+            events: self.events,
+            all_lookups: self.all_lookups,
+            colour: match self.color {
+                ColorChoice::Auto => None,
+                ColorChoice::Always => Some(true),
+                ColorChoice::Never => Some(false),
+            },
+        }
+    }
+}
+
+/// Recording a trace (docs/trace.md).
+#[derive(Debug, Clone, Args)]
+pub struct OutputOpts {
+    /// Record a trace (JSON lines: raw events, the node's answers, findings, lookups) to
+    /// this file, for `tracer replay` and `tracer report`.
+    #[arg(long, short = 'o', value_name = "FILE")]
+    pub output: Option<PathBuf>,
+    /// Start a new trace segment when this one reaches SIZE (e.g. 100M, 2G); the old one
+    /// becomes FILE.1, FILE.1 becomes FILE.2, ...
+    #[arg(long, value_name = "SIZE", value_parser = parse_size, requires = "output")]
+    pub output_max_size: Option<u64>,
+    /// Closed segments to keep (older ones are deleted).
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 4,
+        requires = "output_max_size"
+    )]
+    pub output_keep: u32,
+}
+
+impl OutputOpts {
+    pub fn trace(&self) -> Option<watch::TraceOptions> {
+        self.output.as_ref().map(|p| watch::TraceOptions {
+            path: p.clone(),
+            rotation: crate::trace::Rotation {
+                max_bytes: self.output_max_size,
+                keep: self.output_keep,
+            },
+        })
+    }
+}
+
+/// `100M`, `2G`, `4096`, `64K` (powers of 1024); at least 64 KiB.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let (num, mult) = match t.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let m = match c.to_ascii_uppercase() {
+                'K' => 1u64 << 10,
+                'M' => 1 << 20,
+                'G' => 1 << 30,
+                _ => return Err(format!("'{s}': size units are K, M and G")),
+            };
+            (&t[..i], m)
+        }
+        _ => (t, 1),
+    };
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("'{s}': expected a size such as 100M"))?;
+    let bytes = n
+        .checked_mul(mult)
+        .ok_or_else(|| format!("'{s}' is too large"))?;
+    if bytes < 64 << 10 {
+        return Err(format!("'{s}': a trace segment must hold at least 64K"));
+    }
+    Ok(bytes)
+}
+
+#[derive(Debug, Args)]
+pub struct RecordCmd {
+    #[command(flatten)]
+    pub watch: WatchCmd,
+    /// Also write a postmortem bundle (.tar.gz): the trace, a pcapng, an HTML report, the
+    /// conntrack statistics before and after, sysctls, rulesets, the pods' resolv.conf,
+    /// the kernel and the probe plan.
+    #[arg(long, value_name = "PATH")]
+    pub bundle: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct ReplayCmd {
+    /// Trace files; the segments of a rotated trace oldest first (FILE.2 FILE.1 FILE).
+    #[arg(required = true, value_name = "TRACE")]
+    pub files: Vec<PathBuf>,
+    /// JSON lines instead of readable lines.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub view: ViewOpts,
+    /// Also write the DNS packets and drops as pcapng, with the pod and verdict of each
+    /// packet in its comment.
+    #[arg(long, value_name = "FILE")]
+    pub pcapng: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct ReportCmd {
+    /// A trace (or its segments, oldest first), or a bundle from `tracer record --bundle`.
+    #[arg(required = true, value_name = "TRACE|BUNDLE")]
+    pub input: Vec<PathBuf>,
+    /// The HTML page to write (self-contained: it fetches nothing).
+    #[arg(long, short = 'o', value_name = "FILE")]
+    pub output: PathBuf,
+    /// Also write a Perfetto / Chrome trace-event JSON file (ui.perfetto.dev).
+    #[arg(long, value_name = "FILE")]
+    pub perfetto: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -390,21 +527,8 @@ impl WatchCmd {
             duration: self.duration,
             metrics: self.metrics,
             node_root: self.root,
-            view: View {
-                filter: Filter {
-                    namespace: self.namespace,
-                    pod: self.pod,
-                    qname: self.qname,
-                    verdicts: self.verdicts,
-                },
-                events: self.events,
-                all_lookups: self.all_lookups,
-                colour: match self.color {
-                    ColorChoice::Auto => None,
-                    ColorChoice::Always => Some(true),
-                    ColorChoice::Never => Some(false),
-                },
-            },
+            trace: self.output.trace(),
+            view: self.view.view(),
         }
     }
 }

@@ -2,6 +2,7 @@
 //! The `tracer` binary (`main.rs`) is a thin shell over this library.
 
 pub mod btf;
+pub mod bundle;
 pub mod cli;
 pub mod commands;
 pub mod ctstats;
@@ -23,6 +24,7 @@ pub mod pipeline;
 pub mod plan;
 pub mod pods;
 pub mod preflight;
+pub mod replay;
 pub mod report;
 pub mod session;
 pub mod timeline;

@@ -12,6 +12,13 @@ fn main() -> ExitCode {
             .build()
             .map_err(anyhow::Error::from)
             .and_then(|rt| rt.block_on(tracer::watch::run(cmd.into_args()))),
+        Command::Record(cmd) => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(anyhow::Error::from)
+            .and_then(|rt| rt.block_on(tracer::bundle::record(cmd))),
+        Command::Replay(cmd) => tracer::replay::command(cmd),
+        Command::Report(cmd) => tracer::bundle::report(&cmd),
         Command::Probes(cmd) => tracer::commands::probes(&cmd),
         Command::Offsets(opts) => tracer::commands::offsets(&opts),
         Command::Lab(cmd) => tracer::commands::lab(&cmd),

@@ -83,9 +83,10 @@ impl Pipeline {
                 }
             }
             Event::NfDrop(n) | Event::CtClash(n) => {
+                // Named before the event is shown: the printer names the location too.
+                let sym = matches!(ev, Event::NfDrop(_)).then(|| self.node.symbol(n.location));
                 sink(Item::Event { ev, workload: None })?;
-                let finding = if matches!(ev, Event::NfDrop(_)) {
-                    let sym = self.node.symbol(n.location);
+                let finding = if let Some(sym) = sym {
                     self.explainer.drop_event(self.node.as_mut(), n, &sym)
                 } else {
                     self.explainer.clash_event(n)
@@ -126,6 +127,15 @@ impl Pipeline {
         sink: &mut impl FnMut(Item<'_>) -> Result<(), E>,
     ) -> Result<(), E> {
         self.poll(now_ns, sink)?;
+        self.flush(now_ns, sink)
+    }
+
+    /// Closes every lookup still open, without a last counter reading.
+    pub fn flush<E>(
+        &mut self,
+        now_ns: u64,
+        sink: &mut impl FnMut(Item<'_>) -> Result<(), E>,
+    ) -> Result<(), E> {
         self.correlator.flush(now_ns);
         self.emit_done(sink)
     }

@@ -21,10 +21,12 @@ use crate::{
     lookups,
     metrics::Metrics,
     node::LiveNode,
+    node::Node,
     output::{monotonic_ns, Clock, Printer, Style},
     pipeline::{Item, Pipeline},
     pods::{NodePaths, PodIndex},
     session::{check_writable_parent, Options, Session},
+    trace::{self, Line, TraceOut},
     view::{Summary, View},
 };
 
@@ -39,6 +41,14 @@ pub struct WatchArgs {
     /// Where the node's filesystem is (`/`, or `/host` in a container).
     pub node_root: PathBuf,
     pub view: View,
+    /// Record a trace here (`--output`).
+    pub trace: Option<TraceOptions>,
+}
+
+#[derive(Debug, Clone)]
+pub struct TraceOptions {
+    pub path: PathBuf,
+    pub rotation: trace::Rotation,
 }
 
 /// What a watch run saw, for the summary.
@@ -74,6 +84,9 @@ fn is_broken_pipe(e: &io::Error) -> bool {
 pub async fn run(args: WatchArgs) -> anyhow::Result<()> {
     if let Some(p) = &args.ready_file {
         check_writable_parent(p)?;
+    }
+    if let Some(t) = &args.trace {
+        trace::check_path(&t.path)?;
     }
     let mut session = Session::start(&args.session)?;
     eprint!("{}", session.plan.render());
@@ -116,6 +129,11 @@ pub async fn run(args: WatchArgs) -> anyhow::Result<()> {
     }
     eprintln!("watching (ports {:?}); Ctrl-C to stop", args.session.ports);
 
+    let clock = Clock::now();
+    let mut recorder = match &args.trace {
+        Some(t) => Some(Recorder::create(t, &session, &args, clock, &symbols)?),
+        None => None,
+    };
     let stdout = io::stdout();
     let style = Style {
         colour: args.view.colour.unwrap_or_else(|| stdout.is_terminal()),
@@ -123,7 +141,7 @@ pub async fn run(args: WatchArgs) -> anyhow::Result<()> {
     let mut printer = Printer::new(
         io::BufWriter::new(stdout.lock()),
         args.json,
-        Clock::now(),
+        clock,
         symbols.clone(),
     )
     .with_style(style);
@@ -140,17 +158,23 @@ pub async fn run(args: WatchArgs) -> anyhow::Result<()> {
         None => None,
     };
     let pods = PodIndex::new(NodePaths::for_root(&args.node_root)?);
-    let cfg = lookups::Config {
-        hold_ns: HOLD.as_nanos() as u64,
-        ..lookups::Config::default()
+    let cfg = lookup_config();
+    let live: Box<dyn Node> = Box::new(LiveNode::new(symbols, pods));
+    let node: Box<dyn Node> = match &recorder {
+        Some(r) => Box::new(trace::Recording::new(live, r.shared.clone())),
+        None => live,
     };
-    let mut pipeline = Pipeline::new(Box::new(LiveNode::new(symbols, pods)), cfg);
+    let mut pipeline = Pipeline::new(node, cfg);
+    if let Some(r) = recorder.as_mut() {
+        r.settle(&pipeline, true)?;
+    }
     let mut show = Show {
         printer: &mut printer,
         counts: &mut counts,
         view: &args.view,
         summary: Summary::default(),
         shed_warned: false,
+        recorder,
     };
     let mut poll = tokio::time::interval(POLL_EVERY);
     let mut sweep = tokio::time::interval(SWEEP_EVERY);
@@ -202,7 +226,14 @@ pub async fn run(args: WatchArgs) -> anyhow::Result<()> {
                 if let Some(m) = &show.counts.metrics {
                     m.set_lost(session.lost_per_cpu()?.iter().sum());
                 }
-                let r = pipeline.poll(monotonic_ns(), &mut |item| show.item(item));
+                let now = monotonic_ns();
+                if let Some(rec) = show.recorder.as_mut() {
+                    rec.line(&Line::Poll { now_ns: now });
+                }
+                let r = pipeline.poll(now, &mut |item| show.item(item));
+                if let Some(rec) = show.recorder.as_mut() {
+                    rec.settle(&pipeline, true)?;
+                }
                 if let Some(m) = &show.counts.metrics {
                     for (netns, stats) in pipeline.explainer.readings() {
                         m.set_conntrack(netns, &stats);
@@ -219,42 +250,35 @@ pub async fn run(args: WatchArgs) -> anyhow::Result<()> {
     }
     // What the kernel wrote before we stopped still counts.
     let _ = drain(ring.get_mut(), &mut pipeline, &mut show)?;
-    let r = pipeline.finish(monotonic_ns(), &mut |item| show.item(item));
-    let _ = quiet_stop(r)?;
     let lost = session.lost_per_cpu()?;
     let lost_total: u64 = lost.iter().sum();
+    let now = monotonic_ns();
+    if let Some(rec) = show.recorder.as_mut() {
+        rec.line(&Line::Finish {
+            now_ns: now,
+            lost: lost_total,
+            lost_per_cpu: lost.clone(),
+        });
+    }
+    let r = pipeline.finish(now, &mut |item| show.item(item));
+    let _ = quiet_stop(r)?;
     let stats = pipeline.correlator.stats.clone();
     let Show {
         printer,
         summary,
         counts,
+        recorder,
         ..
     } = show;
-    let summary_json = json!({
-        "events": counts.total(),
-        "by_kind": counts.by_kind,
-        "verdicts": counts.verdicts,
-        "lost": lost_total,
-        "lost_per_cpu": lost,
-        "decode_errors": counts.decode_errors,
-        "lookups": stats,
-        "lookup_outcomes": summary.outcomes,
-        "pods": summary.pods,
-    });
-    match printer
-        .note("summary", summary_json)
-        .and_then(|_| {
-            if args.json {
-                Ok(())
-            } else {
-                printer.raw(&summary.render(&stats, style))
-            }
-        })
-        .and_then(|_| printer.flush())
-    {
-        Err(e) if !is_broken_pipe(&e) => return Err(e.into()),
-        _ => {}
+    let summary_json = summary_json(counts, &summary, &stats, &lost);
+    if let Some(mut rec) = recorder {
+        rec.out.note("summary", summary_json.clone())?;
+        let path = rec.path();
+        rec.close()
+            .with_context(|| format!("closing trace {}", path.display()))?;
+        eprintln!("trace written to {}", path.display());
     }
+    print_summary(printer, summary_json, &summary, &stats, args.json, style)?;
     eprintln!(
         "seen {} events ({}), lost {} (per CPU: {}), undecodable {}",
         counts.total(),
@@ -285,6 +309,59 @@ const POLL_EVERY: Duration = Duration::from_secs(1);
 /// `lookups::Config::hold_ns`): a little more than [`POLL_EVERY`].
 const HOLD: Duration = Duration::from_millis(1200);
 
+/// The summary object, as `--json` prints it last.
+pub(crate) fn summary_json(
+    counts: &Counts,
+    summary: &Summary,
+    stats: &lookups::Stats,
+    lost_per_cpu: &[u64],
+) -> serde_json::Value {
+    json!({
+        "events": counts.total(),
+        "by_kind": counts.by_kind,
+        "verdicts": counts.verdicts,
+        "lost": lost_per_cpu.iter().sum::<u64>(),
+        "lost_per_cpu": lost_per_cpu,
+        "decode_errors": counts.decode_errors,
+        "lookups": stats,
+        "lookup_outcomes": summary.outcomes,
+        "pods": summary.pods,
+    })
+}
+
+/// The summary on stdout: the JSON object, or the per-pod table.
+pub(crate) fn print_summary<W: Write>(
+    printer: &mut Printer<W>,
+    summary_json: serde_json::Value,
+    summary: &Summary,
+    stats: &lookups::Stats,
+    json: bool,
+    style: Style,
+) -> anyhow::Result<()> {
+    match printer
+        .note("summary", summary_json)
+        .and_then(|_| {
+            if json {
+                Ok(())
+            } else {
+                printer.raw(&summary.render(stats, style))
+            }
+        })
+        .and_then(|_| printer.flush())
+    {
+        Err(e) if !is_broken_pipe(&e) => Err(e.into()),
+        _ => Ok(()),
+    }
+}
+
+/// The correlator's settings for a live run.
+fn lookup_config() -> lookups::Config {
+    lookups::Config {
+        hold_ns: HOLD.as_nanos() as u64,
+        ..lookups::Config::default()
+    }
+}
+
 /// `Ok(true)` when stdout is gone (stop quietly).
 fn quiet_stop(r: io::Result<()>) -> anyhow::Result<bool> {
     match r {
@@ -294,18 +371,121 @@ fn quiet_stop(r: io::Result<()>) -> anyhow::Result<bool> {
     }
 }
 
-/// What the terminal shows, and the tallies for the summary.
-struct Show<'a, W: Write> {
-    printer: &'a mut Printer<W>,
-    counts: &'a mut Counts,
+/// What the terminal shows, and the tallies for the summary (watch and replay).
+pub(crate) struct Show<'a, W: Write> {
+    pub(crate) printer: &'a mut Printer<W>,
+    pub(crate) counts: &'a mut Counts,
     view: &'a View,
-    summary: Summary,
+    pub(crate) summary: Summary,
     /// The shedding warning was printed.
     shed_warned: bool,
+    /// Where the trace goes (`--output`).
+    recorder: Option<Recorder>,
 }
 
-impl<W: Write> Show<'_, W> {
-    fn item(&mut self, item: Item<'_>) -> io::Result<()> {
+/// Writes the trace: raw records, clock ticks and (through the recording node) the node's
+/// answers, plus every finding and lookup the run printed, unfiltered.
+struct Recorder {
+    shared: trace::Shared,
+    /// The printed lines, as `--json` prints them.
+    out: Printer<TraceOut>,
+}
+
+impl Recorder {
+    fn create(
+        t: &TraceOptions,
+        session: &Session,
+        args: &WatchArgs,
+        clock: Clock,
+        symbols: &Symbols,
+    ) -> anyhow::Result<Recorder> {
+        let read = |p: &str| {
+            std::fs::read_to_string(p)
+                .map(|s| s.trim().to_owned())
+                .unwrap_or_default()
+        };
+        let hostname = read("/proc/sys/kernel/hostname");
+        let header = trace::Header {
+            schema: trace::SCHEMA,
+            tracer: env!("CARGO_PKG_VERSION").into(),
+            run: format!("{hostname}-{}-{}", std::process::id(), monotonic_ns()),
+            segment: 0,
+            hostname,
+            kernel: read("/proc/sys/kernel/osrelease"),
+            started: humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
+            clock_offset_ns: clock.offset_ns() as i64,
+            ports: args.session.ports.clone(),
+            plan: session.plan.render().lines().map(str::to_owned).collect(),
+            lookups: lookup_config(),
+            command: std::env::args().collect(),
+        };
+        let w = trace::TraceWriter::create(&t.path, header, t.rotation)?;
+        let shared = std::sync::Arc::new(std::sync::Mutex::new(w));
+        let out = Printer::new(TraceOut(shared.clone()), true, clock, symbols.clone());
+        Ok(Recorder { shared, out })
+    }
+
+    fn path(&self) -> PathBuf {
+        trace::lock(&self.shared).path().to_owned()
+    }
+
+    fn line(&mut self, l: &Line) {
+        trace::lock(&self.shared).line(l);
+    }
+
+    fn record(&mut self, bytes: &[u8]) {
+        trace::lock(&self.shared).record(bytes);
+    }
+
+    /// After a unit (a record with what it caused, a poll): writes the lines out when
+    /// many are buffered (`all`: always), and starts the next segment at the size limit.
+    fn settle(&mut self, pipeline: &Pipeline, all: bool) -> anyhow::Result<()> {
+        let mut t = trace::lock(&self.shared);
+        if all {
+            t.commit()?;
+        } else {
+            t.commit_if_large()?;
+        }
+        if t.full() {
+            let path = t.path().to_owned();
+            t.rotate(pipeline.explainer.books())
+                .with_context(|| format!("rotating trace {}", path.display()))?;
+        }
+        Ok(())
+    }
+
+    fn close(&mut self) -> io::Result<()> {
+        trace::lock(&self.shared).close()
+    }
+}
+
+impl<'a, W: Write> Show<'a, W> {
+    /// Without a trace (a replay).
+    pub(crate) fn new(printer: &'a mut Printer<W>, counts: &'a mut Counts, view: &'a View) -> Self {
+        Show {
+            printer,
+            counts,
+            view,
+            summary: Summary::default(),
+            shed_warned: false,
+            recorder: None,
+        }
+    }
+
+    pub(crate) fn decode_error(
+        &mut self,
+        e: &crate::events::DecodeError,
+        len: usize,
+    ) -> io::Result<()> {
+        self.counts.decode_errors += 1;
+        let v = json!({ "error": e.to_string(), "len": len });
+        if let Some(rec) = self.recorder.as_mut() {
+            rec.out.note("decode_error", v.clone())?;
+        }
+        self.printer.note("decode_error", v)
+    }
+
+    pub(crate) fn item(&mut self, item: Item<'_>) -> io::Result<()> {
         match item {
             Item::Event { ev, workload } => {
                 *self.counts.by_kind.entry(kind_name(ev)).or_default() += 1;
@@ -327,6 +507,9 @@ impl<W: Write> Show<'_, W> {
                 if let Some(m) = &self.counts.metrics {
                     m.on_finding(finding);
                 }
+                if let Some(rec) = self.recorder.as_mut() {
+                    rec.out.finding_of(finding, workload.as_deref())?;
+                }
                 if self.view.filter.finding(finding, workload.as_deref()) {
                     self.printer.finding_of(finding, workload.as_deref())?;
                 }
@@ -340,6 +523,9 @@ impl<W: Write> Show<'_, W> {
                     );
                 }
                 self.summary.add(l);
+                if let Some(rec) = self.recorder.as_mut() {
+                    rec.out.lookup(l)?;
+                }
                 if let Some(m) = &self.counts.metrics {
                     m.on_lookup(l);
                 }
@@ -361,20 +547,23 @@ fn drain<W: Write>(
     show: &mut Show<'_, W>,
 ) -> anyhow::Result<bool> {
     while let Some(item) = ring.next() {
+        if let Some(rec) = show.recorder.as_mut() {
+            rec.record(&item);
+        }
         let r = match pipeline.record(&item, &mut |i| show.item(i)) {
             Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => {
-                show.counts.decode_errors += 1;
-                show.printer.note(
-                    "decode_error",
-                    json!({ "error": e.to_string(), "len": item.len() }),
-                )
-            }
+            Ok(Err(e)) => show.decode_error(&e, item.len()),
             Err(e) => Err(e),
         };
+        if let Some(rec) = show.recorder.as_mut() {
+            rec.settle(pipeline, false)?;
+        }
         if quiet_stop(r)? {
             return Ok(true);
         }
+    }
+    if let Some(rec) = show.recorder.as_mut() {
+        rec.settle(pipeline, true)?;
     }
     quiet_stop(show.printer.flush())
 }
