@@ -685,7 +685,8 @@ fn the_live_text_stream_shows_the_lookups_timeline() {
     assert!(has("AAAA  #1 no answer (2."), "{timeline:#?}");
     assert!(has("AAAA  #2 answer NOERROR fd96::1"), "{timeline:#?}");
     assert!(
-        has("=> AAAA was dropped by a firewall rule on the node, getent retried after 2.0 s"),
+        // glibc's 2 s timeout, as measured (2.0 or 2.1 s on a loaded machine).
+        has("=> AAAA was dropped by a firewall rule on the node, getent retried after 2."),
         "{timeline:#?}"
     );
     assert!(
