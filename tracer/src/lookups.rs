@@ -184,6 +184,19 @@ pub enum Outcome {
     Shed,
 }
 
+impl Outcome {
+    /// Its name in JSON (`answered`, `negative`, …).
+    pub fn name(self) -> &'static str {
+        match self {
+            Outcome::Answered => "answered",
+            Outcome::Negative => "negative",
+            Outcome::Error => "error",
+            Outcome::Unanswered => "unanswered",
+            Outcome::Shed => "shed",
+        }
+    }
+}
+
 /// How the siblings of a lookup left the pod.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Siblings {

@@ -679,3 +679,16 @@ impl Correlator {
         d.remove(0)
     }
 }
+
+#[test]
+fn outcome_names_are_their_json_names() {
+    for o in [
+        Outcome::Answered,
+        Outcome::Negative,
+        Outcome::Error,
+        Outcome::Unanswered,
+        Outcome::Shed,
+    ] {
+        assert_eq!(serde_json::to_value(o).unwrap(), o.name());
+    }
+}

@@ -59,7 +59,8 @@ pub fn monotonic_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
-fn proto(p: u8) -> String {
+/// `tcp`, `udp`, … or `proto N`.
+pub(crate) fn proto(p: u8) -> String {
     match p {
         6 => "tcp".into(),
         17 => "udp".into(),

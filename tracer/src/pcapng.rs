@@ -24,7 +24,7 @@ use tracer_common::{DNS_PAYLOAD_CAP, DROP_PAYLOAD_CAP};
 use crate::{
     dns,
     events::{DnsEvent, Event, NfDropEvent},
-    lookups::{Lookup, Outcome, Query},
+    lookups::{Lookup, Query},
     output::Clock,
     pods::Workload,
     verdict::Finding,
@@ -405,24 +405,6 @@ impl<'a> LookupIndex<'a> {
     }
 }
 
-fn outcome_name(o: Outcome) -> &'static str {
-    match o {
-        Outcome::Answered => "answered",
-        Outcome::Negative => "negative",
-        Outcome::Error => "error",
-        Outcome::Unanswered => "unanswered",
-        Outcome::Shed => "shed",
-    }
-}
-
-fn duration(ns: u64) -> String {
-    if ns >= 1_000_000_000 {
-        format!("{:.2} s", ns as f64 / 1e9)
-    } else {
-        format!("{:.1} ms", ns as f64 / 1e6)
-    }
-}
-
 /// `ctlab/client-0 (pid 123 lab-resolver) query A example.com attempt 1: snat-port-clash,
 /// lost — …; lookup unanswered after 5.00 s: …`
 fn dns_comment(
@@ -478,8 +460,8 @@ fn dns_comment(
     }
     s.push_str(&format!(
         "; lookup {} after {}",
-        outcome_name(lookup.outcome),
-        duration(lookup.latency_ns)
+        lookup.outcome.name(),
+        crate::report::dur(lookup.latency_ns)
     ));
     if !lookup.cause.is_empty() {
         s.push_str(&format!(": {}", lookup.cause));
@@ -601,6 +583,7 @@ mod tests {
     use std::net::SocketAddr;
 
     use super::*;
+    use crate::lookups::Outcome;
     use crate::{
         events::{Conntrack, FiveTuple, TaskInfo},
         lookups::{Answer, Fate},

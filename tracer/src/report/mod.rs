@@ -125,17 +125,6 @@ pub(crate) fn dur(ns: u64) -> String {
     }
 }
 
-/// The `data-outcome` value (the serde name of [`Outcome`]).
-pub(crate) fn outcome_key(o: Outcome) -> &'static str {
-    match o {
-        Outcome::Answered => "answered",
-        Outcome::Negative => "negative",
-        Outcome::Error => "error",
-        Outcome::Unanswered => "unanswered",
-        Outcome::Shed => "shed",
-    }
-}
-
 fn failed(o: Outcome) -> bool {
     matches!(o, Outcome::Error | Outcome::Unanswered | Outcome::Shed)
 }
@@ -173,18 +162,8 @@ fn verdict_meaning(v: Verdict) -> &'static str {
     }
 }
 
-fn proto(p: u8) -> String {
-    match p {
-        6 => "tcp".into(),
-        17 => "udp".into(),
-        1 => "icmp".into(),
-        58 => "icmpv6".into(),
-        n => format!("proto {n}"),
-    }
-}
-
 fn flow(t: &FiveTuple) -> String {
-    format!("{} {} → {}", proto(t.proto), t.src, t.dst)
+    format!("{} {} → {}", crate::output::proto(t.proto), t.src, t.dst)
 }
 
 fn chip(v: Verdict, text: &str) -> String {
@@ -192,11 +171,7 @@ fn chip(v: Verdict, text: &str) -> String {
 }
 
 fn badge(o: Outcome) -> String {
-    format!(
-        "<span class=\"badge o-{}\">{}</span>",
-        outcome_key(o),
-        outcome_key(o)
-    )
+    format!("<span class=\"badge o-{}\">{}</span>", o.name(), o.name())
 }
 
 /// The latency, red when the application felt it.
@@ -620,7 +595,7 @@ fn lookup_table(out: &mut String, page: &Page, lookups: &[&Lookup], caption: &st
              <td class=\"mono\">{}</td><td class=\"mono\">{} → {}</td><td>{}</td><td class=\"n\">{}</td>\
              <td class=\"n\">{}</td><td>{}</td></tr>",
             l.id,
-            outcome_key(l.outcome),
+            l.outcome.name(),
             timeline::clock_time(&page.clock, l.start_ns),
             esc(&proc),
             esc(&l.name),
@@ -666,7 +641,7 @@ fn lookup_article(out: &mut String, page: &Page, l: &Lookup) {
          <span class=\"qname\">{}</span> <span class=\"mono\">→ {}</span> {} {} <span class=\"meta\">{}</span></header>",
         l.id,
         l.id,
-        outcome_key(l.outcome),
+        l.outcome.name(),
         verdicts.join(" "),
         timeline::clock_time(&page.clock, l.start_ns),
         esc(&timeline::who(l)),

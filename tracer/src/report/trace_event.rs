@@ -5,7 +5,7 @@
 
 use serde_json::{json, Value};
 
-use super::{node_findings, outcome_key, pods_by_label, Page};
+use super::{node_findings, pods_by_label, Page};
 use crate::{lookups::Lookup, timeline};
 
 /// Lookups of one pod spread over threads so that complete events on one thread never
@@ -80,7 +80,7 @@ pub(super) fn render(page: &Page) -> Value {
                     "lookup": l.id,
                     "who": timeline::who(l),
                     "server": l.server.to_string(),
-                    "outcome": outcome_key(l.outcome),
+                    "outcome": l.outcome.name(),
                     "latency_ms": l.latency_ns as f64 / 1e6,
                     "cause": l.cause,
                     "problem": l.problem,
