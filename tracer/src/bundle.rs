@@ -463,10 +463,11 @@ fn page<'a>(run: &'a Run, inputs: &[PathBuf]) -> crate::report::Page<'a> {
         ),
         (
             "probe plan".to_owned(),
+            // The chosen sources: the lines `tracer probes` marks with `*`.
             h.plan
                 .iter()
-                .filter(|l| l.contains("->") || l.contains("chosen") || l.contains('✓'))
-                .cloned()
+                .filter_map(|l| l.trim_start().strip_prefix("* "))
+                .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
                 .collect::<Vec<_>>()
                 .join("; "),
         ),

@@ -337,6 +337,17 @@ fn report_renders_in_chromium(dir: &Path, lookups: &[&Value]) {
     chromium::screenshot(&html, &shot, (1400, 2000), dir);
     let dom = chromium::dump_dom(&html, dir).stdout;
     assert!(dom.contains("ruleset-drop"), "verdicts in the DOM");
+    // The probe plan in force: every source `tracer probes` marked as chosen.
+    let plan = fs::read_to_string(dir.join("x/incident/plan.txt")).unwrap();
+    let chosen: Vec<&str> = plan
+        .lines()
+        .filter_map(|l| l.trim_start().strip_prefix("* "))
+        .map(|l| l.split("  ").next().unwrap().trim())
+        .collect();
+    assert!(!chosen.is_empty(), "{plan}");
+    for source in chosen {
+        assert!(dom.contains(source), "chosen source {source:?} in the DOM");
+    }
     for l in lookups {
         let w = &l["workload"];
         let who = match (
