@@ -6,6 +6,7 @@
 mod bench;
 mod bench_pipeline;
 mod fuzz;
+mod guest;
 mod lint;
 mod setup;
 mod test;
@@ -32,11 +33,18 @@ struct Cli {
 enum Verb {
     /// Install the Debian toolchain and tools, bpf-linker, and mount tracefs/bpffs (idempotent).
     Setup,
-    /// Setup, build everything, then run unit, doc and (as root) integration tests.
+    /// Setup, build everything, then run unit, doc and (as root) integration tests, then
+    /// the guest tier: the precise-path tests again, as root, in QEMU guests on Debian's 6.1.
     ///
     /// Arguments after `--` are passed to every `cargo test`; a second `--` inside them
     /// separates arguments for the test harness, e.g. `cargo xtask test -- dns -- --nocapture`.
     Test {
+        /// Skip the guest tier.
+        #[arg(long, conflicts_with = "guest_only")]
+        no_guest: bool,
+        /// Only the guest tier (after setup and build).
+        #[arg(long)]
+        guest_only: bool,
         #[arg(last = true)]
         args: Vec<String>,
     },
@@ -111,7 +119,18 @@ fn main() -> ExitCode {
     }
     let result = util::Workspace::locate().and_then(|ws| match verb {
         Verb::Setup => setup::run(&ws),
-        Verb::Test { args } => test::run(&ws, &args),
+        Verb::Test {
+            no_guest,
+            guest_only,
+            args,
+        } => test::run(
+            &ws,
+            test::Tiers {
+                host: !guest_only,
+                guest: !no_guest,
+            },
+            &args,
+        ),
         Verb::Lint => lint::run(&ws),
         Verb::Watch { args } => watch::run(&ws, &args),
         Verb::Demo { args } => watch::demo(&ws, &args),

@@ -1,21 +1,30 @@
 //! `cargo xtask test`: setup, build everything, unit + doc tests, then the privileged
-//! integration tests (they load real BPF programs and create network namespaces) one at a time.
+//! integration tests (they load real BPF programs and create network namespaces) one at a
+//! time, then the guest tier (`guest.rs`): the precise-path test binaries again, in QEMU
+//! guests on Debian's 6.1 kernel, where fentry/fexit and kprobes work.
 
 use std::{fs, time::Instant};
 
 use anyhow::{bail, Context as _};
 
 use crate::{
-    setup,
+    guest, setup,
     util::{self, Workspace},
 };
 
 /// The eBPF crate only builds for bpfel-unknown-none (tracer's build.rs does that).
-const HOST_CRATES: &[&str] = &["--workspace", "--exclude", "tracer-ebpf"];
+pub(crate) const HOST_CRATES: &[&str] = &["--workspace", "--exclude", "tracer-ebpf"];
 
-pub(crate) fn run(ws: &Workspace, args: &[String]) -> anyhow::Result<()> {
+/// Which tiers to run: the host's tests (unit, doc, integration) and the guest tier.
+#[derive(Clone, Copy)]
+pub(crate) struct Tiers {
+    pub(crate) host: bool,
+    pub(crate) guest: bool,
+}
+
+pub(crate) fn run(ws: &Workspace, tiers: Tiers, args: &[String]) -> anyhow::Result<()> {
     let start = Instant::now();
-    let result = steps(ws, args);
+    let result = steps(ws, tiers, args);
     let outcome = if result.is_ok() { "passed" } else { "FAILED" };
     println!(
         "test: {outcome}; total wall time {:.1} s",
@@ -24,7 +33,7 @@ pub(crate) fn run(ws: &Workspace, args: &[String]) -> anyhow::Result<()> {
     result
 }
 
-fn steps(ws: &Workspace, args: &[String]) -> anyhow::Result<()> {
+fn steps(ws: &Workspace, tiers: Tiers, args: &[String]) -> anyhow::Result<()> {
     // `cargo xtask test -- <cargo test args> [-- <harness args>]`
     let (cargo_args, harness_args) = match args.iter().position(|a| a == "--") {
         Some(i) => (&args[..i], &args[i + 1..]),
@@ -56,23 +65,43 @@ fn steps(ws: &Workspace, args: &[String]) -> anyhow::Result<()> {
         )
     };
 
-    step("unit tests", || cargo_test(&["--lib", "--bins"], &[]))?;
-    step("doc tests", || cargo_test(&["--doc"], &[]))?;
+    if tiers.host {
+        step("unit tests", || cargo_test(&["--lib", "--bins"], &[]))?;
+        step("doc tests", || cargo_test(&["--doc"], &[]))?;
+    }
 
-    if has_integration_tests(ws)? && !util::is_root()? {
+    if !has_integration_tests(ws)? {
+        println!("test: no tests/*.rs in any workspace crate; no integration tests to run");
+        return Ok(());
+    }
+    if !util::is_root()? {
         bail!(
             "test: the integration tests load BPF programs and create network namespaces: \
              they need root (running as uid {}); rerun `cargo xtask test` as root",
             util::euid()?
         );
     }
-    if !has_integration_tests(ws)? {
-        println!("test: no tests/*.rs in any workspace crate; no integration tests to run");
-        return Ok(());
+    // The guest tier runs even when the host's integration tests failed: CI reports both.
+    let host = if tiers.host {
+        step("integration tests (root, one at a time)", || {
+            cargo_test(&["--test", "*"], &["--test-threads=1"])
+        })
+    } else {
+        Ok(())
+    };
+    let guest = if tiers.guest {
+        step(
+            "guest tier (precise-path tests in QEMU on Debian's 6.1 kernel)",
+            || guest::run(ws, cargo_args, harness_args),
+        )
+    } else {
+        Ok(())
+    };
+    match (host, guest) {
+        (Ok(()), Ok(())) => Ok(()),
+        (Err(e), Ok(())) | (Ok(()), Err(e)) => Err(e),
+        (Err(h), Err(g)) => bail!("{h:#}; and {g:#}"),
     }
-    step("integration tests (root, one at a time)", || {
-        cargo_test(&["--test", "*"], &["--test-threads=1"])
-    })
 }
 
 fn step(name: &str, f: impl FnOnce() -> anyhow::Result<()>) -> anyhow::Result<()> {
