@@ -15,6 +15,7 @@ pub mod kallsyms;
 pub mod lab;
 pub mod lookups;
 pub mod metrics;
+pub mod modbtf;
 pub mod netns;
 pub mod node;
 pub mod offsets;

@@ -15,7 +15,7 @@ use aya::{
 use serde::Serialize;
 use tracer_common::{KernelOffsets, OFFSET_NONE};
 
-use crate::offsets::Resolved;
+use crate::{modbtf::ModulePrograms, offsets::Resolved};
 
 /// How a program attaches.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -249,6 +249,12 @@ impl PlanReport {
     /// Human-readable table for `tracer probes` and the start of `tracer watch`.
     pub fn render(&self) -> String {
         let mut out = String::new();
+        let width = self
+            .signals
+            .iter()
+            .flat_map(|s| s.sources.iter().map(|r| r.source.len()))
+            .max()
+            .unwrap_or(0);
         for s in &self.signals {
             out += &format!("{}: {}\n", s.signal, s.what);
             for r in &s.sources {
@@ -281,7 +287,7 @@ impl PlanReport {
                         )
                     }
                 };
-                out += &format!("  {mark} {:<62} {text}\n", r.source);
+                out += &format!("  {mark} {:<width$} {text}\n", r.source);
                 if matches!(r.outcome, Outcome::Chosen) && !r.loses.is_empty() {
                     out += &format!("      fallback loses: {}\n", r.loses);
                 }
@@ -294,10 +300,12 @@ impl PlanReport {
     }
 }
 
-/// Where cgroup programs attach and which BTF to load against.
+/// Where cgroup programs attach, which BTF to load against, and the loader for functions
+/// that live in a kernel module.
 pub struct Target<'a> {
     pub btf: &'a Btf,
     pub cgroup_root: &'a File,
+    pub modules: &'a ModulePrograms,
 }
 
 /// Loads and attaches the plan. With `try_all`, every source is tried (for `tracer probes`)
@@ -379,7 +387,7 @@ fn try_source(
     // A source that failed part-way, or one only probed, gives back what it attached.
     if result.is_err() || !keep {
         for prog in fresh {
-            unload(ebpf, prog);
+            unload(ebpf, target, prog);
             loaded.remove(prog.name);
         }
     }
@@ -387,7 +395,10 @@ fn try_source(
 }
 
 /// Detaches and unloads one program (best effort: it was loaded by us a moment ago).
-fn unload(ebpf: &mut Ebpf, prog: &Prog) {
+fn unload(ebpf: &mut Ebpf, target: &Target<'_>, prog: &Prog) {
+    if target.modules.detach(prog.name) {
+        return;
+    }
     let Some(program) = ebpf.program_mut(prog.name) else {
         return;
     };
@@ -455,6 +466,16 @@ fn load_and_attach(
 ) -> Result<(), Outcome> {
     if let Some(o) = missing_offsets(prog, offsets) {
         return Err(o);
+    }
+    // A function in a module (nf_conntrack on most distributions) is described by the
+    // module's BTF, which aya can not attach through: see `modbtf`.
+    if let Attach::FEntry(f) | Attach::FExit(f) = prog.attach {
+        if let Some(module) = target.modules.module_for(f) {
+            return target
+                .modules
+                .attach(prog.name, f, &module)
+                .map_err(|e| refused(prog, e.stage, &e));
+        }
     }
     let program = ebpf.program_mut(prog.name).ok_or_else(|| {
         Outcome::Refused(Box::new(Refusal {

@@ -13,7 +13,7 @@ use aya::{
 };
 use tracer_common::{EventKind, PORT_WORDS};
 
-use crate::{btf::KernelBtf, offsets, plan, preflight};
+use crate::{btf::KernelBtf, modbtf, offsets, plan, preflight};
 
 /// The eBPF object built by `build.rs` from `tracer-ebpf`.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tracer"));
@@ -32,6 +32,8 @@ pub struct Session {
     pub plan: plan::PlanReport,
     pub offsets: offsets::Resolved,
     pub logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
+    /// Programs attached to module functions (outside `ebpf`; attached while this lives).
+    pub modules: modbtf::ModulePrograms,
 }
 
 /// One bit per port, as the kernel's `PORTS` map holds them.
@@ -76,6 +78,9 @@ impl Session {
             }
         }
 
+        // Before the logger takes its map: the relocation needs every map's fd.
+        let modules = modbtf::ModulePrograms::prepare(OBJECT, &ebpf);
+
         let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
             Ok(l) => Some(l),
             Err(e) => {
@@ -89,6 +94,7 @@ impl Session {
         let target = plan::Target {
             btf: &btf,
             cgroup_root: &cgroup_root,
+            modules: &modules,
         };
         let plan = plan::apply(&mut ebpf, &target, &offsets, opts.try_all);
         Ok(Session {
@@ -96,6 +102,7 @@ impl Session {
             plan,
             offsets,
             logger,
+            modules,
         })
     }
 
