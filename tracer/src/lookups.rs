@@ -266,6 +266,18 @@ enum ClientKey {
 /// conntrack entry's original tuple carry.
 type FlowKey = (SocketAddr, SocketAddr);
 
+/// The key a query of `flow` was filed under if its socket had no source address yet. The
+/// precise send source (fentry `udp_sendmsg`) reads the socket before the kernel routes
+/// the datagram: an unbound, unconnected socket (musl's resolver) still says `0.0.0.0:PORT`
+/// there, while the answer and the conntrack entry carry the address the route chose.
+fn unbound(flow: FlowKey) -> Option<FlowKey> {
+    let any: std::net::IpAddr = match flow.0 {
+        SocketAddr::V4(_) => std::net::Ipv4Addr::UNSPECIFIED.into(),
+        SocketAddr::V6(_) => std::net::Ipv6Addr::UNSPECIFIED.into(),
+    };
+    (flow.0.ip() != any).then(|| (SocketAddr::new(any, flow.0.port()), flow.1))
+}
+
 struct Open {
     lookup: Lookup,
     client: ClientKey,
@@ -466,15 +478,11 @@ impl Correlator {
             return;
         }
         self.stats.answers += 1;
-        let flow = (d.tuple.dst, d.tuple.src);
-        let Some(refs) = self.by_flow.get(&flow) else {
-            self.stats.unmatched_answers += 1;
-            return;
-        };
+        let refs = self.refs(d.tuple.dst, d.tuple.src);
         // The latest try this answer can belong to: same id, name and type, sent before it,
         // not yet answered; a try whose packet was lost can not have been answered.
         let mut best: Option<(u64, usize, bool)> = None;
-        for &(lid, idx) in refs {
+        for (lid, idx) in refs {
             let Some(q) = self.open.get(&lid).and_then(|o| o.lookup.queries.get(idx)) else {
                 continue;
             };
@@ -650,10 +658,9 @@ impl Correlator {
 
     /// Gives `fate` to its query; who sent that query.
     fn attach(&mut self, flow: FlowKey, dns_id: Option<u16>, fate: &Fate) -> Option<Arc<Workload>> {
-        let refs = self.by_flow.get(&flow)?;
         // The latest query of this flow (and id) sent before the fate, without a fate yet.
         let mut best: Option<(u64, usize, u64)> = None;
-        for &(lid, idx) in refs {
+        for (lid, idx) in self.refs(flow.0, flow.1) {
             let Some(q) = self.open.get(&lid).and_then(|o| o.lookup.queries.get(idx)) else {
                 continue;
             };
@@ -680,13 +687,26 @@ impl Correlator {
         Some(o.lookup.workload.clone())
     }
 
+    /// The queries a packet from `client` to `server` can belong to: those of its flow,
+    /// then those filed before the socket had an address ([`unbound`]).
+    fn refs(&self, client: SocketAddr, server: SocketAddr) -> Vec<(u64, usize)> {
+        let flow = (client, server);
+        let exact = self.by_flow.get(&flow).into_iter().flatten();
+        let wild = unbound(flow)
+            .and_then(|w| self.by_flow.get(&w))
+            .into_iter()
+            .flatten();
+        exact.chain(wild).copied().collect()
+    }
+
     fn match_pending(&mut self, flow: FlowKey) {
         if self.pending.is_empty() {
             return;
         }
         let mut i = 0;
         while i < self.pending.len() {
-            if self.pending[i].flow == flow {
+            let pending = self.pending[i].flow;
+            if pending == flow || unbound(pending) == Some(flow) {
                 let p = &self.pending[i];
                 let (fl, id, fate) = (p.flow, p.dns_id, p.fate.clone());
                 if self.attach(fl, id, &fate).is_some() {

@@ -692,3 +692,35 @@ fn outcome_names_are_their_json_names() {
         assert_eq!(serde_json::to_value(o).unwrap(), o.name());
     }
 }
+
+#[test]
+fn a_query_from_an_unbound_socket_is_answered_and_given_its_fate_by_the_routed_address() {
+    // fentry udp_sendmsg sees musl's unconnected, unbound socket as 0.0.0.0:PORT; the
+    // answer and the conntrack entry carry the address the route chose (10.0.0.2).
+    let mut s = Stream::new();
+    let unbound = SocketAddr::from(([0, 0, 0, 0], 38485));
+    let a = dns_query(0x1111, "svc.example", QTYPE_A).unwrap();
+    let aaaa = dns_query(0x2222, "svc.example", QTYPE_AAAA).unwrap();
+    for (ts, q) in [(0, &a), (5 * MS, &aaaa)] {
+        s.c.on_send(
+            &dns_event(ts, Some(s.pid), 24, unbound, vip(), false, q.clone()),
+            workload(),
+        );
+    }
+    assert!(
+        s.drop_query(6 * MS, 38485, &aaaa, Verdict::InsertClashDropped, false)
+            .is_some(),
+        "the drop's entry says 10.0.0.2:38485 and finds the query filed as 0.0.0.0:38485"
+    );
+    s.answer(10 * MS, 38485, &a, 0, true);
+    // Another port's answer is not taken for it.
+    s.answer(11 * MS, 38486, &aaaa, 0, true);
+    assert_eq!(s.c.stats.unmatched_answers, 1);
+    let l = s.c.flush_one(20 * S);
+    assert!(l.queries[0].answer.is_some(), "{l:#?}");
+    assert!(l.queries[1].answer.is_none());
+    assert_eq!(
+        l.queries[1].fate.as_ref().map(|f| f.verdict),
+        Some(Verdict::InsertClashDropped)
+    );
+}
