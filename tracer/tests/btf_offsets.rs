@@ -196,7 +196,8 @@ fn strip_attributes(s: &str) -> String {
     s
 }
 
-/// `/* 16 8 */` or `/* 126: 0  1 */` -> (offset, size).
+/// `/* 16 8 */`, `/* 126: 0  1 */` or `/* 1256:16  4 */` (bitfields: byte, then bit) ->
+/// (offset, size).
 fn parse_comment(line: &str) -> Option<(u64, u64)> {
     let start = line.find("/*")?;
     let end = line[start..].find("*/")? + start;
@@ -204,7 +205,7 @@ fn parse_comment(line: &str) -> Option<(u64, u64)> {
     if toks.len() < 2 {
         return None;
     }
-    let off = toks[0].trim_end_matches(':').parse().ok()?;
+    let off = toks[0].split(':').next()?.parse().ok()?;
     let size = toks[toks.len() - 1].parse().ok()?;
     Some((off, size))
 }
@@ -441,12 +442,16 @@ fn pahole_parser_reads_anonymous_and_bitfield_members() {
 		u16        q;                /*    16     2 */
 	} named;                                         /*    16     2 */
 	struct nf_conntrack_tuple_hash tuplehash[2] __attribute__((__aligned__(8))); /*    24   112 */
+	enum {
+		RTNL_LINK_INITIALIZED = 0,
+		RTNL_LINK_INITIALIZING = 1,
+	} state:16;                                      /*   136:16  4 */
 
-	/* size: 136, cachelines: 3, members: 5 */
+	/* size: 144, cachelines: 3, members: 6 */
 };
 ";
     let nodes = parse_pahole(sample);
-    assert_eq!(nodes.len(), 5);
+    assert_eq!(nodes.len(), 6);
     assert_eq!(nodes[1].name.as_deref(), Some("b"));
     assert_eq!((nodes[1].offset, nodes[1].size), (1, 1));
     let p = find_pnode(&nodes, "p").unwrap();
@@ -461,6 +466,10 @@ fn pahole_parser_reads_anonymous_and_bitfield_members() {
         (th.offset, th.size, th.dims.as_slice()),
         (24, 112, &[2u64][..])
     );
+    // A bitfield of an inline enum type (6.1's `net_device.rtnl_link_state`): byte 136.
+    let state = &nodes[5];
+    assert_eq!(state.name.as_deref(), Some("state"));
+    assert_eq!((state.offset, state.size), (136, 4));
 }
 
 #[test]

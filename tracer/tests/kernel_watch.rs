@@ -40,12 +40,6 @@ fn spawn_in(ns: &tracer::netns::Netns, args: &[&str]) -> (u32, std::process::Out
     (pid, child.wait_with_output().unwrap())
 }
 
-/// Whether this kernel allows BPF trampolines: our build and CI kernels refuse them; the VM
-/// tier (`cargo xtask vm-test`, Debian's 6.1) sets `TRACER_TEST_TRAMPOLINES=allowed`.
-fn trampolines() -> bool {
-    std::env::var("TRACER_TEST_TRAMPOLINES").is_ok_and(|v| v == "allowed")
-}
-
 /// The source the plan must choose for DNS sends and receives on this kernel.
 fn dns_sources() -> (&'static str, &'static str) {
     if trampolines() {
@@ -370,6 +364,15 @@ fn nft_drop_rule_gives_a_netfilter_drop_event_with_the_tuple() {
 #[test]
 fn probes_reports_refused_sources_with_errno_and_the_chosen_fallbacks() {
     require_root();
+    if trampolines() {
+        // nf_conntrack is a module on Debian's kernel (loaded on any node that runs
+        // kube-proxy); its functions exist, and carry BTF, only once it is loaded.
+        let st = Command::new("modprobe")
+            .arg("nf_conntrack")
+            .status()
+            .unwrap();
+        assert!(st.success(), "modprobe nf_conntrack: {st}");
+    }
     let out = Command::new(TRACER)
         .args(["probes", "--json"])
         .output()

@@ -17,6 +17,15 @@ use tracer::netns::{self, Netns};
 
 pub const TRACER: &str = env!("CARGO_BIN_EXE_tracer");
 
+/// Whether this kernel allows BPF trampolines: our build and CI kernels refuse them; the
+/// guest tier (`cargo xtask test`, Debian's 6.1) sets `TRACER_TEST_TRAMPOLINES=allowed`.
+/// There the precise sources (fentry/fexit) are chosen and the tests expect what only they
+/// give.
+#[allow(dead_code)]
+pub fn trampolines() -> bool {
+    std::env::var("TRACER_TEST_TRAMPOLINES").is_ok_and(|v| v == "allowed")
+}
+
 /// Panics unless root: these tests load programs into the running kernel.
 pub fn require_root() {
     assert!(
