@@ -195,6 +195,23 @@ impl KernelBtf {
         &self.path
     }
 
+    /// The BTF id of function `name` in a module's BTF (`/sys/kernel/btf/<module>`), which
+    /// is split on this one: its ids follow vmlinux's, as the kernel numbers them.
+    pub fn module_function(&self, module_btf: &Path, name: &str) -> Result<u32, BtfError> {
+        let load = |source| BtfError::Load {
+            path: module_btf.to_path_buf(),
+            source,
+        };
+        let btf = Btf::from_split_file(module_btf, &self.btf).map_err(load)?;
+        btf.resolve_ids_by_name(name)
+            .unwrap_or_default()
+            .into_iter()
+            .find(|&id| matches!(btf.resolve_type_by_id(id), Ok(Type::Func(_))))
+            .ok_or_else(|| BtfError::TypeNotFound {
+                name: format!("{name} (function, in {})", module_btf.display()),
+            })
+    }
+
     /// Offset and size of `path` (dotted, e.g. `__sk_common.skc_daddr`, `tuplehash[1].tuple`)
     /// inside struct or union `strukt`. Anonymous struct/union members are searched
     /// transparently; typedefs and qualifiers are followed.

@@ -29,6 +29,11 @@ impl Explainer {
         Explainer { classifier }
     }
 
+    /// Whether the probe plan sees resolved clashes per packet ([`Classifier::expect_clashes_per_packet`]).
+    pub fn expect_clashes_per_packet(&mut self, yes: bool) {
+        self.classifier.expect_clashes_per_packet(yes);
+    }
+
     /// A copy of the books, to restore a replay that starts mid-run.
     pub fn books(&self) -> Books {
         self.classifier.clone()
@@ -133,13 +138,13 @@ impl Explainer {
     }
 
     /// Counter-only findings (resolved clashes, early drops, INVALID) of every namespace
-    /// whose books are open.
-    pub fn poll(&mut self, node: &mut dyn Node, ts_ns: u64) -> Vec<Finding> {
+    /// whose books are open. `last`: the run's last reading.
+    pub fn poll(&mut self, node: &mut dyn Node, ts_ns: u64, last: bool) -> Vec<Finding> {
         let netns: Vec<u32> = self.classifier.deltas().keys().copied().collect();
         let mut out = Vec::new();
         for n in netns {
             if let Some(s) = self.read(node, n) {
-                out.extend(self.classifier.counters(n, ts_ns, &s));
+                out.extend(self.classifier.counters(n, ts_ns, &s, last));
             }
         }
         out

@@ -7,13 +7,14 @@
 //! object (`attach_btf_obj_fd`) and the function's id in it. aya 0.14 only attaches to
 //! vmlinux functions (aya-rs/aya#301), so this module loads those programs itself:
 //!
-//! 1. right after aya created the maps, [`ModulePrograms::prepare`] parses the same object
-//!    with `aya-obj` and relocates its map references and calls against aya's map fds, which
-//!    gives each tracing program's final instructions;
-//! 2. [`ModulePrograms::attach`] finds the module owning the function (`/proc/kallsyms`),
-//!    the function's id in the module's BTF (parsed split on `/sys/kernel/btf/vmlinux`) and
-//!    the module's BTF object (walking the kernel's BTF ids), then `BPF_PROG_LOAD`s with
-//!    both and attaches with `BPF_RAW_TRACEPOINT_OPEN`.
+//! 1. right after aya created the maps, [`ModulePrograms::prepare`] keeps a duplicate of
+//!    each map's fd (aya-log takes its map out of the object later);
+//! 2. the first [`ModulePrograms::attach`] parses the same object with `aya-obj` and
+//!    relocates its map references and calls against those fds, which gives each tracing
+//!    program's final instructions (on a kernel without module functions this never runs);
+//! 3. each attach finds the function's id in the module's BTF (parsed split on the
+//!    kernel's) and the module's BTF object (walking the kernel's BTF ids), then
+//!    `BPF_PROG_LOAD`s with both and attaches with `BPF_RAW_TRACEPOINT_OPEN`.
 //!
 //! Programs loaded here are not in the `Ebpf` object; they stay attached as long as the
 //! `ModulePrograms` lives (it holds their program and link fds).
@@ -31,12 +32,12 @@ use aya::{
     maps::{Map, MapData},
     Ebpf,
 };
+
+use crate::btf::KernelBtf;
 use aya_obj::{
     generated::{bpf_attach_type, bpf_attr, bpf_btf_info, bpf_cmd, bpf_insn, bpf_prog_type},
     Object, ProgramSection,
 };
-
-const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
 
 /// Why a module function could not be traced: the stage, the errno if the kernel refused,
 /// and what to tell the user. The `io::Error` is kept as the source so the plan's errno
@@ -92,21 +93,32 @@ struct Attached {
 }
 
 pub struct ModulePrograms {
-    prepared: Result<BTreeMap<String, Prepared>, String>,
+    object: &'static [u8],
+    /// Every map of the object by name, as aya created it (duplicated fds).
+    maps: Result<Vec<(String, OwnedFd)>, String>,
+    prepared: OnceCell<Result<BTreeMap<String, Prepared>, String>>,
     kallsyms: OnceCell<String>,
-    vmlinux: OnceCell<Result<btf_rs::Btf, String>>,
     attached: RefCell<BTreeMap<String, Attached>>,
 }
 
 impl ModulePrograms {
-    /// Relocates every fentry/fexit program of `object` against the maps aya created for
-    /// it in `ebpf`. Call before any map is taken out of `ebpf`. A failure is kept and
-    /// reported when a module function is asked for (vmlinux functions do not need this).
-    pub fn prepare(object: &[u8], ebpf: &Ebpf) -> Self {
+    /// Keeps the maps aya created for `object` in `ebpf`, to relocate the object's tracing
+    /// programs against when a module function is asked for. Call before any map is taken
+    /// out of `ebpf`. A failure is kept and reported then.
+    pub fn prepare(object: &'static [u8], ebpf: &Ebpf) -> Self {
+        let maps = ebpf
+            .maps()
+            .map(|(name, map)| {
+                let fd = map_data(map).fd().as_fd().try_clone_to_owned();
+                fd.map(|fd| (name.to_string(), fd))
+                    .map_err(|e| format!("duplicating the fd of map {name}: {e}"))
+            })
+            .collect();
         ModulePrograms {
-            prepared: relocate(object, ebpf),
+            object,
+            maps,
+            prepared: OnceCell::new(),
             kallsyms: OnceCell::new(),
-            vmlinux: OnceCell::new(),
             attached: RefCell::new(BTreeMap::new()),
         }
     }
@@ -120,10 +132,23 @@ impl ModulePrograms {
     }
 
     /// Loads `program` (an fentry or fexit program of the object) against `function` in
-    /// `module`, and attaches it.
-    pub fn attach(&self, program: &str, function: &str, module: &str) -> Result<(), ModuleError> {
+    /// `module`, whose BTF is split on `kernel`'s, and attaches it.
+    pub fn attach(
+        &self,
+        program: &str,
+        function: &str,
+        module: &str,
+        kernel: &KernelBtf,
+    ) -> Result<(), ModuleError> {
         let prepared = self
             .prepared
+            .get_or_init(|| {
+                let maps = self.maps.as_ref().map_err(String::clone)?;
+                let start = std::time::Instant::now();
+                let r = relocate(self.object, maps);
+                log::debug!("module programs relocated in {:?}", start.elapsed());
+                r
+            })
             .as_ref()
             .map_err(|e| ModuleError::new("object", format!("relocating the object: {e}")))?;
         let prog = prepared.get(program).ok_or_else(|| {
@@ -132,7 +157,16 @@ impl ModulePrograms {
                 format!("{program} is not a tracing program of the object"),
             )
         })?;
-        let btf_id = self.function_id(function, module)?;
+        let path = Path::new("/sys/kernel/btf").join(module);
+        let btf_id = kernel.module_function(&path, function).map_err(|e| {
+            ModuleError::new(
+                "btf",
+                format!(
+                    "{e} (module BTF needs CONFIG_DEBUG_INFO_BTF_MODULES, and the kernel's own \
+                     BTF as its base)"
+                ),
+            )
+        })?;
         let btf_obj = module_btf_fd(module)?;
         let fd = prog_load(program, prog, btf_id, &btf_obj)?;
         let link = raw_tracepoint_open(&fd)?;
@@ -149,38 +183,6 @@ impl ModulePrograms {
     /// Detaches and unloads `program` if it was attached here; `false` if it was not.
     pub fn detach(&self, program: &str) -> bool {
         self.attached.borrow_mut().remove(program).is_some()
-    }
-
-    /// The function's BTF id in the module's BTF, numbered after vmlinux's as the kernel
-    /// numbers split BTF.
-    fn function_id(&self, function: &str, module: &str) -> Result<u32, ModuleError> {
-        let base = self
-            .vmlinux
-            .get_or_init(|| {
-                btf_rs::Btf::from_file(VMLINUX_BTF).map_err(|e| format!("{VMLINUX_BTF}: {e}"))
-            })
-            .as_ref()
-            .map_err(|e| ModuleError::new("btf", e.clone()))?;
-        let path = Path::new("/sys/kernel/btf").join(module);
-        let btf = btf_rs::Btf::from_split_file(&path, base).map_err(|e| {
-            ModuleError::new(
-                "btf",
-                format!(
-                    "{}: {e} (a kernel built without CONFIG_DEBUG_INFO_BTF_MODULES has no \
-                     module BTF)",
-                    path.display()
-                ),
-            )
-        })?;
-        let ids = btf.resolve_ids_by_name(function).unwrap_or_default();
-        ids.into_iter()
-            .find(|&id| matches!(btf.resolve_type_by_id(id), Ok(btf_rs::Type::Func(_))))
-            .ok_or_else(|| {
-                ModuleError::new(
-                    "btf",
-                    format!("{} has no function {function}", path.display()),
-                )
-            })
     }
 }
 
@@ -201,13 +203,16 @@ pub fn module_of(kallsyms: &str, function: &str) -> Option<String> {
     })
 }
 
-fn relocate(object: &[u8], ebpf: &Ebpf) -> Result<BTreeMap<String, Prepared>, String> {
+fn relocate(
+    object: &[u8],
+    maps: &[(String, OwnedFd)],
+) -> Result<BTreeMap<String, Prepared>, String> {
     let mut obj = Object::parse(object).map_err(|e| format!("parsing: {e}"))?;
     // The same maps aya created, by name; the data sections aya skipped on kernels without
     // global data are skipped here too (their references then fail to relocate, as in aya).
-    let fds: BTreeMap<&str, i32> = ebpf
-        .maps()
-        .map(|(name, map)| (name, map_data(map).fd().as_fd().as_raw_fd()))
+    let fds: BTreeMap<&str, i32> = maps
+        .iter()
+        .map(|(name, fd)| (name.as_str(), fd.as_raw_fd()))
         .collect();
     let objs: Vec<(String, i32, aya_obj::Map)> = obj
         .maps

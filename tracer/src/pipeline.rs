@@ -109,7 +109,16 @@ impl Pipeline {
         now_ns: u64,
         sink: &mut impl FnMut(Item<'_>) -> Result<(), E>,
     ) -> Result<(), E> {
-        for f in self.explainer.poll(self.node.as_mut(), now_ns) {
+        self.read_counters(now_ns, false, sink)
+    }
+
+    fn read_counters<E>(
+        &mut self,
+        now_ns: u64,
+        last: bool,
+        sink: &mut impl FnMut(Item<'_>) -> Result<(), E>,
+    ) -> Result<(), E> {
+        for f in self.explainer.poll(self.node.as_mut(), now_ns, last) {
             self.correlator.on_counter_finding(&f);
             sink(Item::Finding {
                 finding: &f,
@@ -126,7 +135,7 @@ impl Pipeline {
         now_ns: u64,
         sink: &mut impl FnMut(Item<'_>) -> Result<(), E>,
     ) -> Result<(), E> {
-        self.poll(now_ns, sink)?;
+        self.read_counters(now_ns, true, sink)?;
         self.flush(now_ns, sink)
     }
 

@@ -246,6 +246,22 @@ impl PlanReport {
             .collect()
     }
 
+    /// Whether the chosen netfilter source sees resolved clashes per packet (its programs
+    /// include one on `nf_ct_resolve_clash`).
+    pub fn clashes_per_packet(&self) -> bool {
+        self.signals.iter().any(|s| {
+            SIGNALS
+                .iter()
+                .filter(|sig| sig.name == s.signal)
+                .flat_map(|sig| sig.sources)
+                .filter(|src| Some(src.name) == s.chosen)
+                .flat_map(|src| src.programs)
+                .any(|p| {
+                    matches!(p.attach, Attach::FExit(f) | Attach::KRetProbe(f) if f == "nf_ct_resolve_clash")
+                })
+        })
+    }
+
     /// Human-readable table for `tracer probes` and the start of `tracer watch`.
     pub fn render(&self) -> String {
         let mut out = String::new();
@@ -306,6 +322,8 @@ pub struct Target<'a> {
     pub btf: &'a Btf,
     pub cgroup_root: &'a File,
     pub modules: &'a ModulePrograms,
+    /// The kernel's BTF as parsed for the offsets (module BTF is split on it).
+    pub kernel_btf: &'a crate::btf::KernelBtf,
 }
 
 /// Loads and attaches the plan. With `try_all`, every source is tried (for `tracer probes`)
@@ -376,7 +394,15 @@ fn try_source(
             }
             continue;
         }
+        let start = std::time::Instant::now();
         let r = load_and_attach(ebpf, target, offsets, prog);
+        log::debug!(
+            "{} ({}): {} in {:?}",
+            prog.name,
+            prog.attach.describe(),
+            if r.is_ok() { "attached" } else { "refused" },
+            start.elapsed()
+        );
         loaded.insert(prog.name, r.clone());
         if let Err(e) = r {
             result = Err(e);
@@ -473,7 +499,7 @@ fn load_and_attach(
         if let Some(module) = target.modules.module_for(f) {
             return target
                 .modules
-                .attach(prog.name, f, &module)
+                .attach(prog.name, f, &module, target.kernel_btf)
                 .map_err(|e| refused(prog, e.stage, &e));
         }
     }
@@ -641,6 +667,25 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn clashes_are_seen_per_packet_by_the_fexit_and_kprobe_sources_only() {
+        let netfilter = SIGNALS.iter().find(|s| s.name == "netfilter-drop").unwrap();
+        let with = |chosen: &'static str| PlanReport {
+            signals: vec![SignalReport {
+                signal: netfilter.name,
+                what: netfilter.what,
+                chosen: Some(chosen),
+                sources: vec![],
+            }],
+        };
+        let names: Vec<bool> = netfilter
+            .sources
+            .iter()
+            .map(|s| with(s.name).clashes_per_packet())
+            .collect();
+        assert_eq!(names, [true, true, false], "fexit, kprobes, tp_btf");
     }
 
     #[test]

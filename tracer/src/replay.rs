@@ -551,6 +551,9 @@ impl Replay {
             symbols: self.symbols.clone(),
         };
         let mut pipeline = Pipeline::new(Box::new(node), self.header.lookups.clone());
+        pipeline
+            .explainer
+            .expect_clashes_per_packet(self.header.clashes_per_packet);
         match books {
             Some(b) => pipeline.explainer.restore(b),
             None if self.header.segment > 0 => self.outcome.problems.push(Problem {

@@ -53,8 +53,10 @@ impl Session {
         preflight::ensure_tracefs()?;
         bump_memlock_rlimit();
 
+        let t0 = std::time::Instant::now();
         let kbtf = KernelBtf::from_file(&opts.btf_path)?;
         let offsets = offsets::resolve(&kbtf);
+        let t_offsets = t0.elapsed();
         for f in offsets.missing() {
             log::debug!(
                 "offset {} unresolved: {}",
@@ -69,6 +71,7 @@ impl Session {
             .override_global("OFFSETS", &offsets.offsets, true)
             .load(OBJECT)
             .context("loading the eBPF object (maps and globals)")?;
+        let t_object = t0.elapsed();
 
         let mut ports: Array<&mut MapData, u64> =
             Array::try_from(ebpf.map_mut("PORTS").context("PORTS map missing")?)?;
@@ -95,8 +98,14 @@ impl Session {
             btf: &btf,
             cgroup_root: &cgroup_root,
             modules: &modules,
+            kernel_btf: &kbtf,
         };
         let plan = plan::apply(&mut ebpf, &target, &offsets, opts.try_all);
+        log::debug!(
+            "started: BTF offsets after {t_offsets:?}, object and maps after {t_object:?}, \
+             probe plan applied after {:?}",
+            t0.elapsed()
+        );
         Ok(Session {
             ebpf,
             plan,

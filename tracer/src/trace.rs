@@ -55,6 +55,10 @@ pub struct Header {
     pub ports: Vec<u16>,
     /// The probe plan in force, as `tracer probes` prints it.
     pub plan: Vec<String>,
+    /// The plan's netfilter source reports resolved clashes per packet (the replay's
+    /// counter findings wait for them as the live run's did).
+    #[serde(default)]
+    pub clashes_per_packet: bool,
     /// The correlator's settings (a replay uses the same).
     pub lookups: lookups::Config,
     /// The command line.
@@ -594,6 +598,7 @@ mod tests {
             clock_offset_ns: 5,
             ports: vec![53],
             plan: vec![],
+            clashes_per_packet: false,
             lookups: lookups::Config::default(),
             command: vec!["tracer".into()],
         }

@@ -141,6 +141,11 @@ struct Books {
     rule_drops_untracked: u64,
     /// Resolved clashes seen per packet (precise sources) since the last poll.
     clashes_named_since_poll: u64,
+    /// `clash_resolve` rises not named yet: with a per-packet clash source, a rise read
+    /// before its packet's event was (the counter moves inside `nf_ct_resolve_clash`, the
+    /// event leaves at its return) waits one poll for the event.
+    #[serde(default)]
+    clashes_waiting: u64,
     /// Original tuples of insert failures reported by a precise source, awaiting the
     /// `kfree_skb` event of the same packet (which is then not reported twice).
     precise_drops: Vec<FiveTuple>,
@@ -160,6 +165,9 @@ impl Books {
 pub struct Classifier {
     #[serde(with = "as_pairs")]
     books: BTreeMap<u32, Books>,
+    /// A source sees resolved clashes per packet (fexit or kretprobe `nf_ct_resolve_clash`).
+    #[serde(default)]
+    clashes_per_packet: bool,
 }
 
 /// A map as a list of `[key, value]` pairs: a trace line is an internally tagged enum, and
@@ -349,9 +357,24 @@ impl Classifier {
         })
     }
 
+    /// The probe plan has a source that reports resolved clashes per packet: a
+    /// `clash_resolve` rise is then named by the counter only if its packet's event has not
+    /// come by the next poll (or the last reading).
+    pub fn expect_clashes_per_packet(&mut self, yes: bool) {
+        self.clashes_per_packet = yes;
+    }
+
     /// A new counter reading for `netns`: findings for what moved without dropping a packet
-    /// (resolved clashes, early drops, INVALID packets).
-    pub fn counters(&mut self, netns: u32, ts_ns: u64, stats: &CpuStats) -> Vec<Finding> {
+    /// (resolved clashes, early drops, INVALID packets). `last`: the run's last reading
+    /// (nothing waits any more).
+    pub fn counters(
+        &mut self,
+        netns: u32,
+        ts_ns: u64,
+        stats: &CpuStats,
+        last: bool,
+    ) -> Vec<Finding> {
+        let per_packet = self.clashes_per_packet;
         let books = self.books.entry(netns).or_default();
         // Measured from the previous poll, not from the latest reading: a drop's reading
         // must not hide what moved in between.
@@ -362,10 +385,18 @@ impl Classifier {
         // interval are (at most) the INVALID ones a rule dropped.
         let invalid_dropped = books.rule_drops_untracked.min(u64::from(moved.invalid));
         books.rule_drops_untracked = 0;
-        // Resolved clashes a precise source already named one by one.
-        let resolved_unnamed =
-            u64::from(moved.clash_resolve).saturating_sub(books.clashes_named_since_poll);
+        // Resolved clashes a precise source already named one by one; with such a source,
+        // a rise first seen now may still have its event on the way (the next poll names
+        // it if not).
+        let unnamed = (books.clashes_waiting + u64::from(moved.clash_resolve))
+            .saturating_sub(books.clashes_named_since_poll);
         books.clashes_named_since_poll = 0;
+        let resolved_unnamed = if per_packet && !last {
+            unnamed.min(books.clashes_waiting)
+        } else {
+            unnamed
+        };
+        books.clashes_waiting = unnamed - resolved_unnamed;
         let mut out = Vec::new();
         let mut push = |verdict: Verdict, n: u32, explanation: String| {
             if n > 0 {
@@ -516,9 +547,44 @@ mod tests {
                 clash_resolve: 3,
                 ..CpuStats::default()
             },
+            false,
         );
         assert_eq!(polled.len(), 1);
         assert_eq!(polled[0].count, 2, "3 resolved, 1 already named");
+    }
+
+    #[test]
+    fn with_a_per_packet_clash_source_a_rise_read_before_its_event_is_not_named_twice() {
+        let mut c = Classifier::new();
+        c.expect_clashes_per_packet(true);
+        c.baseline(7, &CpuStats::default());
+        let resolved = |n| CpuStats {
+            clash_resolve: n,
+            ..CpuStats::default()
+        };
+        let mut ev = drop_ev(Some(ct(IPS_DST_NAT, false)));
+        ev.source = "fexit/nf_ct_resolve_clash";
+        ev.verdict = 1;
+        // The counter moves inside nf_ct_resolve_clash, the event leaves at its return: a
+        // poll can read the rise before the ring buffer gives the event.
+        assert!(c.counters(7, 10, &resolved(1), false).is_empty(), "waits");
+        assert!(c.clash_event(&ev).is_some());
+        assert!(
+            c.counters(7, 20, &resolved(1), false).is_empty(),
+            "named once"
+        );
+        // A rise whose event does not come by the next poll is named by the counter.
+        assert!(c.counters(7, 30, &resolved(2), false).is_empty());
+        let f = c.counters(7, 40, &resolved(2), false);
+        let got: Vec<(Verdict, u64)> = f.iter().map(|f| (f.verdict, f.count)).collect();
+        assert_eq!(got, [(Verdict::InsertClashResolved, 1)]);
+        // The run's last reading names what still waits.
+        let f = c.counters(7, 50, &resolved(4), true);
+        assert_eq!(f.iter().map(|f| f.count).sum::<u64>(), 2);
+        // Without a per-packet source nothing waits.
+        let mut c = Classifier::new();
+        c.baseline(7, &CpuStats::default());
+        assert_eq!(c.counters(7, 10, &resolved(1), false).len(), 1);
     }
 
     fn stats(insert_failed: u32, drop: u32) -> CpuStats {
@@ -606,13 +672,13 @@ mod tests {
             early_drop: 5,
             ..CpuStats::default()
         };
-        let f = c.counters(9, 100, &s);
+        let f = c.counters(9, 100, &s, false);
         let got: Vec<(Verdict, u64)> = f.iter().map(|f| (f.verdict, f.count)).collect();
         assert_eq!(
             got,
             vec![(Verdict::InsertClashResolved, 3), (Verdict::EarlyDrop, 5)]
         );
-        assert!(c.counters(9, 200, &s).is_empty(), "nothing moved");
+        assert!(c.counters(9, 200, &s, false).is_empty(), "nothing moved");
         assert_eq!(c.deltas()[&9].clash_resolve, 3);
     }
 
@@ -631,7 +697,7 @@ mod tests {
             Some(&with_invalid),
         );
         assert_eq!(f.verdict, Verdict::RulesetDrop);
-        let f = c.counters(7, 5, &with_invalid);
+        let f = c.counters(7, 5, &with_invalid, false);
         assert_eq!(f.len(), 1);
         assert_eq!((f[0].verdict, f[0].count), (Verdict::Invalid, 2));
     }
@@ -645,7 +711,7 @@ mod tests {
             ..CpuStats::default()
         };
         let _ = dropf(&mut c, &drop_ev(None), "nft_do_chain+0x10", Some(&s));
-        let f = c.counters(7, 5, &s);
+        let f = c.counters(7, 5, &s, false);
         assert!(
             f[0].explanation
                 .contains("1 dropped by a rule, 2 passed on"),

@@ -165,6 +165,9 @@ pub async fn run(args: WatchArgs) -> anyhow::Result<()> {
         None => live,
     };
     let mut pipeline = Pipeline::new(node, cfg);
+    pipeline
+        .explainer
+        .expect_clashes_per_packet(session.plan.clashes_per_packet());
     if let Some(r) = recorder.as_mut() {
         r.settle(&pipeline, true)?;
     }
@@ -416,6 +419,7 @@ impl Recorder {
             clock_offset_ns: clock.offset_ns() as i64,
             ports: args.session.ports.clone(),
             plan: session.plan.render().lines().map(str::to_owned).collect(),
+            clashes_per_packet: session.plan.clashes_per_packet(),
             lookups: lookup_config(),
             command: std::env::args().collect(),
         };

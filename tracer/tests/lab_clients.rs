@@ -4,6 +4,8 @@
 //! ctnetlink with `tracer::ctstats`) must account for every retried query. Run as root;
 //! they fail (never skip) otherwise.
 
+mod common;
+
 use std::{
     net::{IpAddr, SocketAddr},
     process::Command,
@@ -475,7 +477,7 @@ fn a_client_dies_with_its_parent() {
         })
         .join()
         .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(3);
+        let deadline = Instant::now() + common::bound(3);
         while !pod.pids().is_empty() {
             if Instant::now() > deadline {
                 let _ = child.kill();

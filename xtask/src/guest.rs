@@ -137,6 +137,8 @@ pub(crate) fn run(
                 command: vec!["/bin/sh".into(), "/run/vm-test/tests.sh".into()],
                 env: vec![
                     ("TRACER_TEST_TRAMPOLINES".into(), "allowed".into()),
+                    // TCG: waits for the tracer and the clients get 4 times as long.
+                    ("TRACER_TEST_TIME_SCALE".into(), "4".into()),
                     ("RUST_BACKTRACE".into(), "1".into()),
                 ],
                 files: vec![("tests.sh".into(), script.into_bytes())],

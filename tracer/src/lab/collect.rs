@@ -83,6 +83,9 @@ impl Collector {
                     symbols.load();
                     let node = LiveNode::new(symbols, PodIndex::new(node));
                     let mut pipeline = Pipeline::new(Box::new(node), lookups);
+                    pipeline
+                        .explainer
+                        .expect_clashes_per_packet(session.plan.clashes_per_packet());
                     for p in &track {
                         pipeline
                             .track(p)

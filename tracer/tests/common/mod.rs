@@ -21,9 +21,20 @@ pub const TRACER: &str = env!("CARGO_BIN_EXE_tracer");
 /// guest tier (`cargo xtask test`, Debian's 6.1) sets `TRACER_TEST_TRAMPOLINES=allowed`.
 /// There the precise sources (fentry/fexit) are chosen and the tests expect what only they
 /// give.
-#[allow(dead_code)]
 pub fn trampolines() -> bool {
     std::env::var("TRACER_TEST_TRAMPOLINES").is_ok_and(|v| v == "allowed")
+}
+
+/// A bound on waiting for something that normally takes well under `secs`, stretched by
+/// `TRACER_TEST_TIME_SCALE` where the machine is emulated: the guest tier runs under TCG,
+/// where every fentry/fexit attach alone takes about 2 s. Bounds, not measurements: no
+/// test asserts a speed with it.
+pub fn bound(secs: u64) -> Duration {
+    let scale: u64 = std::env::var("TRACER_TEST_TIME_SCALE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1);
+    Duration::from_secs(secs * scale.max(1))
 }
 
 /// Panics unless root: these tests load programs into the running kernel.
@@ -72,7 +83,7 @@ impl TracerRun {
             child: Some(child),
             dir,
         };
-        let deadline = Instant::now() + Duration::from_secs(30);
+        let deadline = Instant::now() + bound(30);
         while !ready.exists() {
             if let Some(status) = run.child.as_mut().unwrap().try_wait().unwrap() {
                 panic!(
