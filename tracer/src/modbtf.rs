@@ -97,15 +97,19 @@ pub struct ModulePrograms {
     /// Every map of the object by name, as aya created it (duplicated fds).
     maps: Result<Vec<(String, OwnedFd)>, String>,
     prepared: OnceCell<Result<BTreeMap<String, Prepared>, String>>,
-    kallsyms: OnceCell<String>,
+    /// The functions the plan may trace, and (once `/proc/kallsyms` was read) the module
+    /// each lives in.
+    functions: Vec<&'static str>,
+    owners: OnceCell<BTreeMap<String, String>>,
     attached: RefCell<BTreeMap<String, Attached>>,
 }
 
 impl ModulePrograms {
     /// Keeps the maps aya created for `object` in `ebpf`, to relocate the object's tracing
     /// programs against when a module function is asked for. Call before any map is taken
-    /// out of `ebpf`. A failure is kept and reported then.
-    pub fn prepare(object: &'static [u8], ebpf: &Ebpf) -> Self {
+    /// out of `ebpf`. A failure is kept and reported then. `functions`: every function an
+    /// fentry/fexit program of the plan attaches to.
+    pub fn prepare(object: &'static [u8], ebpf: &Ebpf, functions: Vec<&'static str>) -> Self {
         let maps = ebpf
             .maps()
             .map(|(name, map)| {
@@ -118,17 +122,25 @@ impl ModulePrograms {
             object,
             maps,
             prepared: OnceCell::new(),
-            kallsyms: OnceCell::new(),
+            functions,
+            owners: OnceCell::new(),
             attached: RefCell::new(BTreeMap::new()),
         }
     }
 
-    /// The module `function` lives in (`None`: vmlinux, or not in this kernel at all).
+    /// The module `function` (one of those given to [`Self::prepare`]) lives in (`None`:
+    /// vmlinux, or not in this kernel at all). `/proc/kallsyms` is read once.
     pub fn module_for(&self, function: &str) -> Option<String> {
-        let text = self
-            .kallsyms
-            .get_or_init(|| fs::read_to_string("/proc/kallsyms").unwrap_or_default());
-        module_of(text, function)
+        self.owners
+            .get_or_init(|| {
+                let text = fs::read_to_string("/proc/kallsyms").unwrap_or_default();
+                self.functions
+                    .iter()
+                    .filter_map(|f| Some((f.to_string(), module_of(&text, f)?)))
+                    .collect()
+            })
+            .get(function)
+            .cloned()
     }
 
     /// Loads `program` (an fentry or fexit program of the object) against `function` in

@@ -191,6 +191,22 @@ pub const SIGNALS: &[Signal] = &[
     },
 ];
 
+/// Every kernel function an fentry/fexit program of the plan attaches to.
+pub fn tracing_functions() -> Vec<&'static str> {
+    let mut v: Vec<&'static str> = SIGNALS
+        .iter()
+        .flat_map(|s| s.sources)
+        .flat_map(|s| s.programs)
+        .filter_map(|p| match p.attach {
+            Attach::FEntry(f) | Attach::FExit(f) => Some(f),
+            _ => None,
+        })
+        .collect();
+    v.sort_unstable();
+    v.dedup();
+    v
+}
+
 /// What happened to one source.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 #[serde(tag = "status", rename_all = "snake_case")]

@@ -82,7 +82,7 @@ impl Session {
         }
 
         // Before the logger takes its map: the relocation needs every map's fd.
-        let modules = modbtf::ModulePrograms::prepare(OBJECT, &ebpf);
+        let modules = modbtf::ModulePrograms::prepare(OBJECT, &ebpf, plan::tracing_functions());
 
         let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
             Ok(l) => Some(l),
