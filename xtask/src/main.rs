@@ -8,6 +8,7 @@ mod bench_pipeline;
 mod fuzz;
 mod guest;
 mod lint;
+mod parity;
 mod setup;
 mod test;
 mod util;
@@ -82,6 +83,10 @@ enum Verb {
     /// kprobes work there), with this machine's `/` shared read-only under a tmpfs overlay,
     /// in the same directory; its stdout, stderr and exit status become this verb's.
     VmTest(vm::Args),
+    /// Every lab scenario on this kernel (the fallback path here) and in a guest on
+    /// Debian's 6.1 (the precise path), with the same binary: one table of each
+    /// `verdicts = counter` check on both (root; fails if a check fails).
+    Parity,
     /// Fuzz the DNS decoder with cargo-fuzz (installed into .tools; needs rustup's nightly):
     /// `dns_parse` (tracer::dns alone) and `dns_diff` (against dns-parser, simple-dns and
     /// hickory-proto), for `--minutes` each; fails on a crash. See docs/dns.md.
@@ -137,6 +142,7 @@ fn main() -> ExitCode {
         Verb::BenchFilter { seconds, rounds } => bench::run(&ws, &bench::Args { seconds, rounds }),
         Verb::BenchPipeline { args } => bench_pipeline::run(&ws, &args),
         Verb::VmTest(args) => vm::run(&ws, &args),
+        Verb::Parity => parity::run(&ws),
         Verb::FuzzDns { minutes, target } => fuzz::run(
             &ws,
             &fuzz::Args {
