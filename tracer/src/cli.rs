@@ -268,6 +268,11 @@ pub struct KernelOpts {
     /// cgroup v2 directory the DNS programs attach to (default: the cgroup2 mount).
     #[arg(long)]
     pub cgroup: Option<PathBuf>,
+    /// Do not use this kind of program (repeatable): the plan takes the next source of
+    /// each signal that needs it (e.g. `--skip fexit` for the kprobes on the conntrack
+    /// functions, or where BPF trampolines are unwanted).
+    #[arg(long, value_enum, value_name = "KIND")]
+    pub skip: Vec<crate::plan::Skip>,
 }
 
 #[derive(Debug, Args)]
@@ -514,6 +519,7 @@ impl KernelOpts {
             btf_path: self.btf.clone(),
             cgroup: self.cgroup.clone(),
             try_all,
+            skip: self.skip.clone(),
         }
     }
 }

@@ -29,6 +29,34 @@ pub enum Attach {
     TracePoint(&'static str, &'static str),
 }
 
+/// Kinds of program the plan can be told not to use (`--skip`): a kernel where trampolines
+/// or kprobes are unwanted, or to see what the next source gives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Skip {
+    Fentry,
+    Fexit,
+    Kprobes,
+}
+
+impl Skip {
+    fn matches(self, a: Attach) -> bool {
+        matches!(
+            (self, a),
+            (Skip::Fentry, Attach::FEntry(_))
+                | (Skip::Fexit, Attach::FExit(_))
+                | (Skip::Kprobes, Attach::KProbe(_) | Attach::KRetProbe(_))
+        )
+    }
+
+    fn flag(self) -> &'static str {
+        match self {
+            Skip::Fentry => "fentry",
+            Skip::Fexit => "fexit",
+            Skip::Kprobes => "kprobes",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CgroupDir {
     Egress,
@@ -216,6 +244,10 @@ pub enum Outcome {
     Available,
     Refused(Box<Refusal>),
     NotTried,
+    /// Not tried: `--skip` names a kind of program it uses.
+    Skipped {
+        by: String,
+    },
 }
 
 /// Why a source could not be used: the program, the stage that failed and the errno.
@@ -298,6 +330,7 @@ impl PlanReport {
                     Outcome::NotTried => {
                         (" ", "not tried (a more precise source was chosen)".into())
                     }
+                    Outcome::Skipped { by } => ("-", format!("skipped ({by})")),
                     Outcome::Refused(r) => {
                         let Refusal {
                             program,
@@ -340,6 +373,8 @@ pub struct Target<'a> {
     pub modules: &'a ModulePrograms,
     /// The kernel's BTF as parsed for the offsets (module BTF is split on it).
     pub kernel_btf: &'a crate::btf::KernelBtf,
+    /// Kinds of program not to use.
+    pub skip: &'a [Skip],
 }
 
 /// Loads and attaches the plan. With `try_all`, every source is tried (for `tracer probes`)
@@ -357,7 +392,15 @@ pub fn apply(
         let mut chosen = None;
         let mut sources = Vec::new();
         for source in signal.sources {
-            let outcome = if chosen.is_some() && !try_all {
+            let skipped_by = target
+                .skip
+                .iter()
+                .find(|k| source.programs.iter().any(|p| k.matches(p.attach)));
+            let outcome = if let Some(k) = skipped_by {
+                Outcome::Skipped {
+                    by: format!("--skip {}", k.flag()),
+                }
+            } else if chosen.is_some() && !try_all {
                 Outcome::NotTried
             } else {
                 match try_source(
@@ -702,6 +745,43 @@ mod tests {
             .map(|s| with(s.name).clashes_per_packet())
             .collect();
         assert_eq!(names, [true, true, false], "fexit, kprobes, tp_btf");
+    }
+
+    #[test]
+    fn skip_names_the_kinds_of_program_it_keeps_out() {
+        let kinds = |a: Attach| {
+            [Skip::Fentry, Skip::Fexit, Skip::Kprobes]
+                .into_iter()
+                .filter(|k| k.matches(a))
+                .map(Skip::flag)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(kinds(Attach::FEntry("udp_sendmsg")), ["fentry"]);
+        assert_eq!(kinds(Attach::FExit("nf_ct_resolve_clash")), ["fexit"]);
+        assert_eq!(kinds(Attach::KRetProbe("nf_ct_resolve_clash")), ["kprobes"]);
+        assert!(kinds(Attach::BtfTracePoint("kfree_skb")).is_empty());
+        assert!(kinds(Attach::CgroupSkb(CgroupDir::Egress)).is_empty());
+        let skipped = PlanReport {
+            signals: vec![SignalReport {
+                signal: "netfilter-drop",
+                what: "",
+                chosen: None,
+                sources: vec![SourceReport {
+                    source: "fexit x",
+                    outcome: Outcome::Skipped {
+                        by: "--skip fexit".into(),
+                    },
+                    loses: "",
+                }],
+            }],
+        };
+        assert!(skipped
+            .render()
+            .contains("- fexit x skipped (--skip fexit)"));
+        assert_eq!(
+            serde_json::to_value(&skipped.signals[0].sources[0]).unwrap()["status"],
+            "skipped"
+        );
     }
 
     #[test]

@@ -25,6 +25,8 @@ pub struct Options {
     pub cgroup: Option<PathBuf>,
     /// Try every source of every signal (for `tracer probes`).
     pub try_all: bool,
+    /// Kinds of program the plan must not use.
+    pub skip: Vec<plan::Skip>,
 }
 
 pub struct Session {
@@ -99,6 +101,7 @@ impl Session {
             cgroup_root: &cgroup_root,
             modules: &modules,
             kernel_btf: &kbtf,
+            skip: &opts.skip,
         };
         let plan = plan::apply(&mut ebpf, &target, &offsets, opts.try_all);
         log::debug!(

@@ -84,6 +84,55 @@ fn snat_port_clash_findings_name_the_flow_that_holds_the_port() {
     }
 }
 
+/// The sources of the findings with `verdict`.
+fn sources<'a>(findings: &'a [Value], verdict: &str) -> std::collections::BTreeSet<&'a str> {
+    findings
+        .iter()
+        .filter(|f| f["verdict"] == verdict)
+        .map(|f| f["source"].as_str().unwrap())
+        .collect()
+}
+
+#[test]
+fn skipping_fexit_takes_the_kprobes_on_the_conntrack_functions() {
+    // With `--skip fexit` the guest tier's kernel (kprobes, nf_conntrack a module) takes
+    // the kprobe/kretprobe pairs on __nf_conntrack_confirm and nf_ct_resolve_clash; this
+    // machine has no kprobes and takes tp_btf kfree_skb and the counters. Verdicts equal
+    // the counters on every path.
+    let (findings, r) = lab_stream(&["dns-race", "--rounds", "30", "--skip", "fexit"]);
+    for c in r["checks"].as_array().unwrap() {
+        assert_eq!(c["ok"], true, "{c}\n{r:#}");
+    }
+    let resolved = counter(&r, "clash_resolve");
+    assert!(resolved > 0, "no race in 30 rounds: {r:#}");
+    assert_eq!(verdict(&r, "insert-clash-resolved"), resolved);
+    let found = sources(&findings, "insert-clash-resolved");
+    if trampolines() {
+        assert_eq!(found, ["kretprobe/nf_ct_resolve_clash"].into(), "{r:#}");
+        assert_eq!(
+            r["events"]["ct_clash"], resolved,
+            "every clash seen per packet"
+        );
+    } else {
+        assert_eq!(found, ["conntrack statistics"].into(), "{r:#}");
+    }
+
+    let (findings, r) = lab_stream(&["snat-race", "--rounds", "30", "--skip", "fexit"]);
+    for c in r["checks"].as_array().unwrap() {
+        assert_eq!(c["ok"], true, "{c}\n{r:#}");
+    }
+    let failed = counter(&r, "insert_failed");
+    assert!(failed > 0, "no SNAT race in 30 rounds: {r:#}");
+    assert_eq!(verdict(&r, "snat-port-clash"), failed);
+    let found = sources(&findings, "snat-port-clash");
+    let expected = if trampolines() {
+        "kretprobe/__nf_conntrack_confirm"
+    } else {
+        "tp_btf/kfree_skb"
+    };
+    assert_eq!(found, [expected].into(), "{r:#}");
+}
+
 #[test]
 fn snat_race_udp_every_lost_datagram_is_a_snat_port_clash() {
     let r = lab(&["snat-race", "--rounds", "60"]);
