@@ -56,7 +56,7 @@ const GUEST_TESTS: &[(&str, u64)] = &[
 const VM_TEST_LIMIT: u64 = 300;
 /// Guests booted at once.
 const GUESTS: usize = 2;
-/// QEMU is killed after this long (the tier takes about 6 minutes).
+/// QEMU is killed after this long (the tier takes about 9 minutes).
 const GUEST_LIMIT: u64 = 1500;
 
 /// One test binary: its tests (as it lists them) and how long one test may take.
