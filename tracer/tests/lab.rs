@@ -303,7 +303,9 @@ fn glibc_and_musl_lookups_are_one_each_with_their_pod_and_sibling_pattern() {
             assert_eq!(l["siblings"]["how"], siblings, "{client}: {l:#}");
             assert_eq!(l["retries"], 0);
             assert_eq!(l["problem"], false, "{client}: {l:#}");
-            assert!(secs(&l["latency_ns"]) < 1.0, "{client}: {l:#}");
+            // Well under a second (four in the emulated guest).
+            let limit = bound(1).as_secs_f64();
+            assert!(secs(&l["latency_ns"]) < limit, "{client}: {l:#}");
             let q = l["queries"].as_array().unwrap();
             let types: Vec<&str> = q.iter().map(|q| q["qtype"].as_str().unwrap()).collect();
             assert_eq!(types, ["A", "AAAA"], "{client}");
@@ -336,8 +338,13 @@ fn a_lost_aaaa_shows_as_the_resolvers_retry_after_its_timeout() {
         assert_eq!(l["problem"], true);
         assert_eq!(l["retries"], 1, "{l:#}");
         let latency = secs(&l["latency_ns"]);
-        // glibc starts its 2 s timer just before the sendmmsg that the first event is from.
-        assert!((1.95..2.5).contains(&latency), "latency {latency} s: {l:#}");
+        // glibc starts its 2 s timer just before the sendmmsg that the first event is from;
+        // then the answer's round trip (slower in the emulated guest).
+        let upper = 1.5 + bound(1).as_secs_f64();
+        assert!(
+            (1.95..upper).contains(&latency),
+            "latency {latency} s: {l:#}"
+        );
         let q = l["queries"].as_array().unwrap();
         let lost: Vec<&Value> = q.iter().filter(|q| !q["fate"].is_null()).collect();
         assert_eq!(lost.len(), 1, "{l:#}");

@@ -406,7 +406,7 @@ fn a_killed_client_ends_the_run_promptly_and_leaves_nothing() {
         let err = format!("{:#}", result.expect_err("the run went on without pod 1"));
         let after = returned - killed_at.lock().unwrap().expect("killed");
         eprintln!("killed pod 1's client: run_resolvers returned {after:?} later: {err}");
-        assert!(after < Duration::from_millis(500), "{after:?}");
+        assert!(after < common::bound(1) / 2, "{after:?}");
         assert!(
             err.contains("resolver client 1") && err.contains("signal: 9"),
             "{err}"
@@ -423,7 +423,7 @@ fn a_killed_client_ends_the_run_promptly_and_leaves_nothing() {
             .expect_err("connected to an unreachable server");
         let err = format!("{err:#}");
         eprintln!("unreachable server: error after {:?}: {err}", t.elapsed());
-        assert!(t.elapsed() < Duration::from_secs(3));
+        assert!(t.elapsed() < common::bound(3));
         assert!(
             err.contains("connected to [fd00::53]:53") && err.contains("unreachable"),
             "{err}"
