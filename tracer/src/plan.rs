@@ -508,6 +508,12 @@ fn refused(prog: &Prog, stage: &'static str, err: &(dyn std::error::Error + 'sta
     let errno = errno_of(err);
     let no_kprobes = matches!(prog.attach, Attach::KProbe(_) | Attach::KRetProbe(_))
         && !std::path::Path::new("/sys/bus/event_source/devices/kprobe").exists();
+    // aya looked the function up in vmlinux's BTF only after `/proc/kallsyms` placed it in
+    // no module: it is in neither.
+    let no_function = matches!(
+        err.downcast_ref::<ProgramError>(),
+        Some(ProgramError::Btf(aya::BtfError::UnknownBtfTypeName { .. }))
+    );
     Outcome::Refused(Box::new(Refusal {
         program: prog.name.to_string(),
         attach: prog.attach.describe(),
@@ -516,6 +522,10 @@ fn refused(prog: &Prog, stage: &'static str, err: &(dyn std::error::Error + 'sta
         errno_name: errno.and_then(errno_name),
         meaning: if no_kprobes {
             "this kernel has no kprobes (CONFIG_KPROBES=n: no kprobe event source in sysfs)".into()
+        } else if no_function {
+            "no such function in vmlinux's BTF nor in a loaded module (for the conntrack \
+             functions: nf_conntrack is not loaded yet; it is on any node running kube-proxy)"
+                .into()
         } else {
             errno.map(meaning).unwrap_or_else(|| "see detail".into())
         },
