@@ -84,8 +84,8 @@ enum Verb {
     /// in the same directory; its stdout, stderr and exit status become this verb's.
     VmTest(vm::Args),
     /// Every lab scenario on this kernel (the fallback path here) and in a guest on
-    /// Debian's 6.1 (the precise path), with the same binary: one table of each
-    /// `verdicts = counter` check on both (root; fails if a check fails).
+    /// Debian's 6.1 on each path (fallback, kprobes, fentry/fexit), with the same binary:
+    /// one table of each `verdicts = counter` check (root; fails if a check fails).
     Parity,
     /// Fuzz the DNS decoder with cargo-fuzz (installed into .tools; needs rustup's nightly):
     /// `dns_parse` (tracer::dns alone) and `dns_diff` (against dns-parser, simple-dns and
