@@ -441,19 +441,19 @@ impl Recorder {
         trace::lock(&self.shared).record(bytes);
     }
 
-    /// After a unit (a record with what it caused, a poll): writes the lines out when
-    /// many are buffered (`all`: always), and starts the next segment at the size limit.
+    /// After a unit (a record with what it caused, a poll): at the size limit (written and
+    /// buffered lines together) the segment ends with this unit and the next one starts;
+    /// otherwise the lines are written out when many are buffered (`all`: always).
     fn settle(&mut self, pipeline: &Pipeline, all: bool) -> anyhow::Result<()> {
         let mut t = trace::lock(&self.shared);
-        if all {
-            t.commit()?;
-        } else {
-            t.commit_if_large()?;
-        }
         if t.full() {
             let path = t.path().to_owned();
             t.rotate(pipeline.explainer.books())
                 .with_context(|| format!("rotating trace {}", path.display()))?;
+        } else if all {
+            t.commit()?;
+        } else {
+            t.commit_if_large()?;
         }
         Ok(())
     }
