@@ -465,9 +465,9 @@ fn a_client_dies_with_its_parent() {
                     "60000000",
                 ]);
                 let mut child = cmd.spawn().unwrap();
-                // Give it time to set the death signal, then end this (its parent) thread
-                // without waiting for it.
-                std::thread::sleep(Duration::from_millis(300));
+                // Give it time to set the death signal (longer in the emulated guest), then
+                // end this (its parent) thread without waiting for it.
+                std::thread::sleep(common::bound(1) * 3 / 10);
                 assert!(
                     child.try_wait().unwrap().is_none(),
                     "the client ended early"
