@@ -689,14 +689,18 @@ impl Correlator {
 
     /// The queries a packet from `client` to `server` can belong to: those of its flow,
     /// then those filed before the socket had an address ([`unbound`]).
-    fn refs(&self, client: SocketAddr, server: SocketAddr) -> Vec<(u64, usize)> {
+    fn refs(
+        &self,
+        client: SocketAddr,
+        server: SocketAddr,
+    ) -> impl Iterator<Item = (u64, usize)> + '_ {
         let flow = (client, server);
         let exact = self.by_flow.get(&flow).into_iter().flatten();
         let wild = unbound(flow)
             .and_then(|w| self.by_flow.get(&w))
             .into_iter()
             .flatten();
-        exact.chain(wild).copied().collect()
+        exact.chain(wild).copied()
     }
 
     fn match_pending(&mut self, flow: FlowKey) {
