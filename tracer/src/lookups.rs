@@ -155,7 +155,13 @@ pub struct Query {
     #[serde(skip)]
     pub qtype_code: u16,
     pub id: u16,
+    /// The client's address and port. On the precise send path an unbound socket says
+    /// `0.0.0.0:PORT` at send time; a lookup gives out the routed address its answer or
+    /// conntrack entry carried.
     pub src: SocketAddr,
+    /// That routed address, while the lookup is open (`src` is the key it was filed under).
+    #[serde(skip)]
+    pub routed_src: Option<SocketAddr>,
     /// Where it was sent, as the pod addressed it (a service VIP before DNAT).
     pub server: SocketAddr,
     pub sock_cookie: u64,
@@ -455,6 +461,7 @@ impl Correlator {
             qtype_code: w.qtype,
             id: w.id,
             src: d.tuple.src,
+            routed_src: None,
             server: d.tuple.dst,
             sock_cookie: d.sock_cookie,
             attempt,
@@ -509,6 +516,7 @@ impl Correlator {
             return;
         };
         if let Some(q) = open.lookup.queries.get_mut(idx) {
+            learn_routed_src(q, d.tuple.dst);
             q.answer = Some(Answer {
                 ts_ns: d.ts_ns,
                 rcode: w.rcode.clone(),
@@ -681,6 +689,7 @@ impl Correlator {
         let (lid, idx, _) = best?;
         let o = self.open.get_mut(&lid)?;
         if let Some(q) = o.lookup.queries.get_mut(idx) {
+            learn_routed_src(q, flow.0);
             q.fate = Some(fate.clone());
         }
         o.last_ns = o.last_ns.max(fate.ts_ns);
@@ -905,6 +914,7 @@ impl Correlator {
             }
         }
         let mut l = o.lookup;
+        give_routed_src(&mut l.queries);
         l.outcome = outcome;
         let last_answer = l
             .queries
@@ -939,6 +949,33 @@ impl Correlator {
             self.done.push(l);
         } else {
             self.closing.push_back((end_ns, l));
+        }
+    }
+}
+
+/// Notes the routed client address a packet of `q` carried, if `q` was sent before its
+/// socket had one.
+fn learn_routed_src(q: &mut Query, client: SocketAddr) {
+    if q.src.ip().is_unspecified() && !client.ip().is_unspecified() && q.src.port() == client.port()
+    {
+        q.routed_src = Some(client);
+    }
+}
+
+/// Gives every query sent from an unbound socket the routed address that one of the
+/// queries from the same socket port to the same server was seen with (so a pair stays
+/// one tuple, also when only one of them was answered).
+fn give_routed_src(queries: &mut [Query]) {
+    for i in 0..queries.len() {
+        let Some(routed) = queries[i].routed_src.take() else {
+            continue;
+        };
+        let (src, server) = (queries[i].src, queries[i].server);
+        for q in queries.iter_mut() {
+            if q.src == src && q.server == server {
+                q.routed_src = None;
+                q.src = routed;
+            }
         }
     }
 }

@@ -723,4 +723,38 @@ fn a_query_from_an_unbound_socket_is_answered_and_given_its_fate_by_the_routed_a
         l.queries[1].fate.as_ref().map(|f| f.verdict),
         Some(Verdict::InsertClashDropped)
     );
+    // The lookup shows the address the packets left with, not what the socket said.
+    let routed = SocketAddr::from(([10, 0, 0, 2], 38485));
+    assert_eq!(l.queries[0].src, routed);
+    assert_eq!(l.queries[1].src, routed);
+}
+
+#[test]
+fn an_unbound_sockets_pair_takes_the_routed_address_one_of_them_was_seen_with() {
+    // Only the A is answered; the AAAA was lost without a packet-level fate. Both were
+    // sent from one socket, so both show the address the A's answer came to.
+    let mut s = Stream::new();
+    let unbound = SocketAddr::from(([0, 0, 0, 0], 38485));
+    let other = SocketAddr::from(([0, 0, 0, 0], 40000));
+    let a = dns_query(0x1111, "svc.example", QTYPE_A).unwrap();
+    let aaaa = dns_query(0x2222, "svc.example", QTYPE_AAAA).unwrap();
+    // The AAAA's retry leaves from another socket, and is not answered either.
+    let mut send = |s: &mut Stream, ts, src, q: &Vec<u8>| {
+        s.c.on_send(
+            &dns_event(ts, Some(s.pid), 24, src, vip(), false, q.clone()),
+            workload(),
+        )
+    };
+    send(&mut s, 0, unbound, &a);
+    send(&mut s, MS, unbound, &aaaa);
+    s.answer(10 * MS, 38485, &a, 0, true);
+    send(&mut s, S, other, &aaaa);
+    let l = s.c.flush_one(20 * S);
+    let routed = SocketAddr::from(([10, 0, 0, 2], 38485));
+    assert_eq!(l.queries[0].src, routed, "{l:#?}");
+    assert_eq!(l.queries[1].src, routed, "{l:#?}");
+    assert_eq!(
+        l.queries[2].src, other,
+        "no packet of that socket was seen routed"
+    );
 }
