@@ -156,12 +156,9 @@ pub struct Query {
     pub qtype_code: u16,
     pub id: u16,
     /// The client's address and port. On the precise send path an unbound socket says
-    /// `0.0.0.0:PORT` at send time; a lookup gives out the routed address its answer or
-    /// conntrack entry carried.
+    /// `0.0.0.0:PORT` at send time; a finished lookup shows the routed address its answer
+    /// or conntrack entry carried.
     pub src: SocketAddr,
-    /// That routed address, while the lookup is open (`src` is the key it was filed under).
-    #[serde(skip)]
-    pub routed_src: Option<SocketAddr>,
     /// Where it was sent, as the pod addressed it (a service VIP before DNAT).
     pub server: SocketAddr,
     pub sock_cookie: u64,
@@ -293,6 +290,9 @@ struct Open {
     /// `sendmmsg` batch can leave after the first answer came back; a negative answer is
     /// followed by the next search expansion).
     settled: Option<(u64, Outcome)>,
+    /// (address the socket said, server) -> the routed client address a packet of that
+    /// flow carried, for queries sent before their socket had an address ([`unbound`]).
+    routed: Vec<(FlowKey, SocketAddr)>,
 }
 
 /// A fate whose query has not been seen yet (events from another CPU can come first).
@@ -461,7 +461,6 @@ impl Correlator {
             qtype_code: w.qtype,
             id: w.id,
             src: d.tuple.src,
-            routed_src: None,
             server: d.tuple.dst,
             sock_cookie: d.sock_cookie,
             attempt,
@@ -516,7 +515,7 @@ impl Correlator {
             return;
         };
         if let Some(q) = open.lookup.queries.get_mut(idx) {
-            learn_routed_src(q, d.tuple.dst);
+            learn_routed(&mut open.routed, q, d.tuple.dst);
             q.answer = Some(Answer {
                 ts_ns: d.ts_ns,
                 rcode: w.rcode.clone(),
@@ -689,7 +688,7 @@ impl Correlator {
         let (lid, idx, _) = best?;
         let o = self.open.get_mut(&lid)?;
         if let Some(q) = o.lookup.queries.get_mut(idx) {
-            learn_routed_src(q, flow.0);
+            learn_routed(&mut o.routed, q, flow.0);
             q.fate = Some(fate.clone());
         }
         o.last_ns = o.last_ns.max(fate.ts_ns);
@@ -810,6 +809,7 @@ impl Correlator {
                 client: client.clone(),
                 last_ns: d.ts_ns,
                 settled: None,
+                routed: Vec::new(),
             },
         );
         self.by_client.entry(client).or_default().push(lid);
@@ -914,7 +914,13 @@ impl Correlator {
             }
         }
         let mut l = o.lookup;
-        give_routed_src(&mut l.queries);
+        // Every query from an unbound socket gets the address one of that socket's packets
+        // was seen with (so a pair stays one tuple, also when only one was answered).
+        for q in l.queries.iter_mut() {
+            if let Some((_, routed)) = o.routed.iter().find(|(k, _)| *k == (q.src, q.server)) {
+                q.src = *routed;
+            }
+        }
         l.outcome = outcome;
         let last_answer = l
             .queries
@@ -955,28 +961,10 @@ impl Correlator {
 
 /// Notes the routed client address a packet of `q` carried, if `q` was sent before its
 /// socket had one.
-fn learn_routed_src(q: &mut Query, client: SocketAddr) {
-    if q.src.ip().is_unspecified() && !client.ip().is_unspecified() && q.src.port() == client.port()
-    {
-        q.routed_src = Some(client);
-    }
-}
-
-/// Gives every query sent from an unbound socket the routed address that one of the
-/// queries from the same socket port to the same server was seen with (so a pair stays
-/// one tuple, also when only one of them was answered).
-fn give_routed_src(queries: &mut [Query]) {
-    for i in 0..queries.len() {
-        let Some(routed) = queries[i].routed_src.take() else {
-            continue;
-        };
-        let (src, server) = (queries[i].src, queries[i].server);
-        for q in queries.iter_mut() {
-            if q.src == src && q.server == server {
-                q.routed_src = None;
-                q.src = routed;
-            }
-        }
+fn learn_routed(routed: &mut Vec<(FlowKey, SocketAddr)>, q: &Query, client: SocketAddr) {
+    let key = (q.src, q.server);
+    if unbound((client, q.server)) == Some(key) && !routed.iter().any(|(k, _)| *k == key) {
+        routed.push((key, client));
     }
 }
 

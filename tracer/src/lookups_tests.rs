@@ -739,7 +739,7 @@ fn an_unbound_sockets_pair_takes_the_routed_address_one_of_them_was_seen_with() 
     let a = dns_query(0x1111, "svc.example", QTYPE_A).unwrap();
     let aaaa = dns_query(0x2222, "svc.example", QTYPE_AAAA).unwrap();
     // The AAAA's retry leaves from another socket, and is not answered either.
-    let mut send = |s: &mut Stream, ts, src, q: &Vec<u8>| {
+    let send = |s: &mut Stream, ts, src, q: &Vec<u8>| {
         s.c.on_send(
             &dns_event(ts, Some(s.pid), 24, src, vip(), false, q.clone()),
             workload(),

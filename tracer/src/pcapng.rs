@@ -678,7 +678,6 @@ mod tests {
             qtype_code: QTYPE_A,
             id,
             src: addr("10.0.0.2:40000"),
-            routed_src: None,
             server: addr("10.96.0.10:53"),
             sock_cookie: 9,
             attempt,

@@ -198,7 +198,6 @@ mod tests {
             qtype_code: if qtype == "A" { 1 } else { 28 },
             id: 0x1234,
             src: "10.0.0.2:4000".parse().unwrap(),
-            routed_src: None,
             server: "10.96.0.10:53".parse().unwrap(),
             sock_cookie: 1,
             attempt,

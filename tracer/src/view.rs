@@ -369,7 +369,6 @@ mod tests {
             qtype_code: 28,
             id: 1,
             src: "10.0.0.2:4000".parse().unwrap(),
-            routed_src: None,
             server: "10.96.0.10:53".parse().unwrap(),
             sock_cookie: 1,
             attempt: 1,
