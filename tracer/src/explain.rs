@@ -140,6 +140,12 @@ impl Explainer {
     /// Counter-only findings (resolved clashes, early drops, INVALID) of every namespace
     /// whose books are open. `last`: the run's last reading.
     pub fn poll(&mut self, node: &mut dyn Node, ts_ns: u64, last: bool) -> Vec<Finding> {
+        // Namespaces made since the start (a pod, a lab) count from their first counter.
+        for (n, base) in node.discover() {
+            if !self.classifier.knows(n) {
+                self.classifier.baseline(n, &base);
+            }
+        }
         let netns: Vec<u32> = self.classifier.deltas().keys().copied().collect();
         let mut out = Vec::new();
         for n in netns {

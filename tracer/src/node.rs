@@ -5,7 +5,7 @@
 //! the same order (`trace::Replay`), so a recorded run replays to the same findings.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     fs,
     os::unix::fs::MetadataExt as _,
     path::{Path, PathBuf},
@@ -33,6 +33,13 @@ pub trait Node: Send {
     fn baselines(&mut self) -> Vec<(u32, CpuStats)>;
     /// Adds a namespace the caller knows by path; its inode and counters.
     fn track(&mut self, path: &Path) -> Result<(u32, CpuStats), String>;
+    /// Namespaces not reported before whose counters can be read now, each with the
+    /// reading its books start from: zero for one created after the run started (or one
+    /// that had no conntrack then: nf_conntrack loaded later), its current counters for one
+    /// that existed but could not be read then. A node that can not look finds none.
+    fn discover(&mut self) -> Vec<(u32, CpuStats)> {
+        Vec::new()
+    }
     /// The counters of `netns` now; `None` when it can not be read (gone, no conntrack).
     fn counters(&mut self, netns: u32) -> NsAnswer<Option<CpuStats>>;
     /// The entry holding `key` in direction `dir` in `netns`.
@@ -84,15 +91,26 @@ pub struct LiveNode {
     last_scan: Instant,
     symbols: Symbols,
     pods: PodIndex,
+    /// The namespaces that existed when the run started.
+    at_start: BTreeSet<u32>,
+    /// Whether any namespace's counters could be read at the start (else conntrack was not
+    /// loaded: every namespace's counters start from zero when it is).
+    conntrack_at_start: bool,
+    /// Namespaces whose readings were reported (baselines, track, discover).
+    reported: BTreeSet<u32>,
 }
 
 impl LiveNode {
     pub fn new(symbols: Symbols, pods: PodIndex) -> Self {
+        let paths = scan_netns();
         LiveNode {
-            paths: scan_netns(),
+            at_start: paths.keys().copied().collect(),
+            paths,
             last_scan: Instant::now(),
             symbols,
             pods,
+            conntrack_at_start: false,
+            reported: BTreeSet::new(),
         }
     }
 
@@ -129,13 +147,17 @@ impl Node for LiveNode {
         let mut out = Vec::new();
         for (inum, path) in &self.paths {
             match ctstats::read_in(path) {
-                Ok(s) => out.push((*inum, s.totals())),
+                Ok(s) => {
+                    self.reported.insert(*inum);
+                    out.push((*inum, s.totals()))
+                }
                 Err(e) => log::debug!(
                     "no conntrack statistics for netns {inum} ({}): {e}",
                     path.display()
                 ),
             }
         }
+        self.conntrack_at_start = !out.is_empty();
         out
     }
 
@@ -143,7 +165,38 @@ impl Node for LiveNode {
         let inum = fs::metadata(path).map_err(|e| e.to_string())?.ino() as u32;
         let s = ctstats::read_in(path).map_err(|e| e.to_string())?;
         self.paths.insert(inum, path.to_owned());
+        self.reported.insert(inum);
         Ok((inum, s.totals()))
+    }
+
+    fn discover(&mut self) -> Vec<(u32, CpuStats)> {
+        self.rescan();
+        let mut out = Vec::new();
+        for (inum, path) in &self.paths {
+            if self.reported.contains(inum) {
+                continue;
+            }
+            // No conntrack in it (yet), or gone: asked again at the next discovery.
+            let Ok(s) = ctstats::read_in(path) else {
+                continue;
+            };
+            self.reported.insert(*inum);
+            let existed = self.at_start.contains(inum) && self.conntrack_at_start;
+            log::debug!(
+                "netns {inum} ({}): counters from {}",
+                path.display(),
+                if existed { "now" } else { "zero" }
+            );
+            out.push((
+                *inum,
+                if existed {
+                    s.totals()
+                } else {
+                    CpuStats::default()
+                },
+            ));
+        }
+        out
     }
 
     fn counters(&mut self, netns: u32) -> NsAnswer<Option<CpuStats>> {

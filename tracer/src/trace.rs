@@ -96,6 +96,10 @@ pub enum Line {
     Baselines {
         netns: Vec<NetnsStats>,
     },
+    /// Namespaces found at a poll (only when there were some), with their books' start.
+    Discovered {
+        netns: Vec<NetnsStats>,
+    },
     Track {
         path: PathBuf,
         netns: Option<u32>,
@@ -131,6 +135,21 @@ pub enum Line {
 pub struct NetnsStats {
     pub netns: u32,
     pub stats: CpuStats,
+}
+
+impl NetnsStats {
+    pub(crate) fn list(v: &[(u32, CpuStats)]) -> Vec<NetnsStats> {
+        v.iter()
+            .map(|(n, s)| NetnsStats {
+                netns: *n,
+                stats: s.clone(),
+            })
+            .collect()
+    }
+
+    pub(crate) fn pairs(v: &[NetnsStats]) -> Vec<(u32, CpuStats)> {
+        v.iter().map(|n| (n.netns, n.stats.clone())).collect()
+    }
 }
 
 /// `type`s of the lines the live run printed; a replay skips them.
@@ -447,14 +466,18 @@ impl Node for Recording {
     fn baselines(&mut self) -> Vec<(u32, CpuStats)> {
         let v = self.inner.baselines();
         self.write(&Line::Baselines {
-            netns: v
-                .iter()
-                .map(|(n, s)| NetnsStats {
-                    netns: *n,
-                    stats: s.clone(),
-                })
-                .collect(),
+            netns: NetnsStats::list(&v),
         });
+        v
+    }
+
+    fn discover(&mut self) -> Vec<(u32, CpuStats)> {
+        let v = self.inner.discover();
+        if !v.is_empty() {
+            self.write(&Line::Discovered {
+                netns: NetnsStats::list(&v),
+            });
+        }
         v
     }
 

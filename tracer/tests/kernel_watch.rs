@@ -361,6 +361,80 @@ fn nft_drop_rule_gives_a_netfilter_drop_event_with_the_tuple() {
         .all(|e| e["netns"] != lab.client.inode()));
 }
 
+/// `clash_resolve`, summed over the CPUs, as conntrack-tools reads it in `ns`.
+fn clash_resolve(ns: &tracer::netns::Netns) -> u64 {
+    let out = ns.run_stdout(["conntrack", "-S"]).expect("conntrack -S");
+    out.split_whitespace()
+        .filter_map(|kv| kv.strip_prefix("clash_resolve="))
+        .map(|v| v.parse::<u64>().expect("a clash_resolve count"))
+        .sum()
+}
+
+/// A namespace made after the tracer started has no baseline, and a resolved clash drops
+/// no packet, so no event names that namespace: the poll must find it by itself. Its
+/// resolved clashes are then counted from zero, exactly as conntrack counts them.
+#[test]
+fn a_namespace_made_after_the_start_has_its_resolved_clashes_counted() {
+    require_root();
+    let run = TracerRun::start(&[]);
+    let lab = Lab::new("tn");
+    let backend: std::net::IpAddr = SERVER_V4.parse().unwrap();
+    lab.client
+        .route_add(&format!("default via {backend}"))
+        .unwrap();
+    let _dns = Dnsmasq::start(
+        &lab.server,
+        &[backend],
+        53,
+        &[("race.test", "10.96.7.7".parse().unwrap())],
+    )
+    .unwrap();
+    // A service VIP DNATed in the client's namespace: A and AAAA sent at once from one
+    // socket race to insert the same entry, and this kernel resolves the clash.
+    lab.client
+        .nft(&format!(
+            "table ip nat {{\n chain out {{\n  type nat hook output priority -100;\n  \
+             ip daddr 10.96.0.10 udp dport 53 dnat to {backend}\n }}\n}}\n"
+        ))
+        .unwrap();
+    // The race is a matter of scheduling: up to 3 batches (bounded) until one clashes.
+    let mut resolved = 0;
+    for _ in 0..3 {
+        let r = tracer::traffic::udp_race(
+            &lab.client.path(),
+            "10.96.0.10:53".parse().unwrap(),
+            50,
+            bound(2),
+        )
+        .unwrap();
+        assert_eq!(r.unanswered, 0, "{r:#?}");
+        resolved = clash_resolve(&lab.client);
+        if resolved > 0 {
+            break;
+        }
+    }
+    assert!(resolved > 0, "no clash in 3 batches of 50 rounds");
+    // Stopped while the namespace still exists: the last reading covers every clash.
+    let events = run.stop();
+    let netns = lab.client.inode();
+    let found: Vec<&Value> = of_type(&events, "finding")
+        .into_iter()
+        .filter(|f| f["netns"] == netns)
+        .collect();
+    let counted: u64 = found
+        .iter()
+        .filter(|f| f["verdict"] == "insert-clash-resolved")
+        .map(|f| f["count"].as_u64().unwrap())
+        .sum();
+    assert_eq!(counted, resolved, "{found:#?}");
+    assert!(
+        found
+            .iter()
+            .all(|f| f["verdict"] == "insert-clash-resolved"),
+        "{found:#?}"
+    );
+}
+
 #[test]
 fn probes_reports_refused_sources_with_errno_and_the_chosen_fallbacks() {
     require_root();
