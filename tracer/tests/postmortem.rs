@@ -123,6 +123,12 @@ fn a_recorded_lab_run_replays_exports_and_bundles() {
     );
     // The trace's own copies of the findings and lookups are the live ones.
     let recorded = fs::read_to_string(&trace).unwrap();
+    // The lab's namespaces were made after the recording started: its polls found them,
+    // and the replay above read where their books start from the trace.
+    assert!(
+        recorded.contains(r#"{"type":"discovered","netns":[{"netns":"#),
+        "no namespace discovered in the trace"
+    );
     assert_eq!(
         lines_of(&recorded, &["finding", "lookup"]),
         lines_of(&live, &["finding", "lookup"])
