@@ -199,13 +199,15 @@ impl Classifier {
         Self::default()
     }
 
-    /// Starts the books of a netns at `stats` (nothing before this counts).
+    /// Starts the books of a netns at `stats` (nothing before this counts, also for the
+    /// counter-only verdicts of the next poll).
     pub fn baseline(&mut self, netns: u32, stats: &CpuStats) {
         self.books.insert(
             netns,
             Books {
                 baseline: stats.clone(),
                 last: stats.clone(),
+                polled: stats.clone(),
                 ..Books::default()
             },
         );
@@ -219,6 +221,27 @@ impl Classifier {
 
     pub fn knows(&self, netns: u32) -> bool {
         self.books.contains_key(&netns)
+    }
+
+    /// Whether the books of `netns` hold nothing a verdict is made of: none of the counters
+    /// the verdicts are checked against moved since its baseline (traffic alone moves
+    /// `insert` and `found`), and nothing waits to be named. Forgetting them loses no
+    /// finding.
+    pub fn idle(&self, netns: u32) -> bool {
+        self.books.get(&netns).is_some_and(|b| {
+            let d = b.delta();
+            d.invalid == 0
+                && d.insert_failed == 0
+                && d.drop == 0
+                && d.early_drop == 0
+                && d.clash_resolve == 0
+                && b.rule_drops_untracked == 0
+                && b.clashes_named_since_poll == 0
+                && b.clashes_waiting == 0
+                && b.precise_drops.is_empty()
+                && b.named_insert_failed == 0
+                && b.named_table_full == 0
+        })
     }
 
     /// Classifies one drop. `stats` is a reading of the drop's netns taken after the drop
@@ -680,6 +703,26 @@ mod tests {
         );
         assert!(c.counters(9, 200, &s, false).is_empty(), "nothing moved");
         assert_eq!(c.deltas()[&9].clash_resolve, 3);
+    }
+
+    #[test]
+    fn what_the_counters_held_before_the_baseline_is_no_finding() {
+        let mut c = Classifier::new();
+        let history = CpuStats {
+            clash_resolve: 4000,
+            early_drop: 12,
+            invalid: 70,
+            ..CpuStats::default()
+        };
+        c.baseline(3, &history);
+        assert!(c.counters(3, 1, &history, false).is_empty());
+        let later = CpuStats {
+            clash_resolve: 4002,
+            ..history.clone()
+        };
+        let f = c.counters(3, 2, &later, true);
+        let got: Vec<(Verdict, u64)> = f.iter().map(|f| (f.verdict, f.count)).collect();
+        assert_eq!(got, [(Verdict::InsertClashResolved, 2)]);
     }
 
     #[test]

@@ -433,6 +433,18 @@ fn a_namespace_made_after_the_start_has_its_resolved_clashes_counted() {
             .all(|f| f["verdict"] == "insert-clash-resolved"),
         "{found:#?}"
     );
+    // A tracer started now finds those clashes in the counters: history, no finding.
+    let run = TracerRun::start(&[]);
+    std::thread::sleep(bound(2));
+    let events = run.stop();
+    let old: Vec<&Value> = of_type(&events, "finding")
+        .into_iter()
+        .filter(|f| f["netns"] == netns)
+        .collect();
+    assert!(
+        old.is_empty(),
+        "{resolved} clashes before the start: {old:#?}"
+    );
 }
 
 #[test]
