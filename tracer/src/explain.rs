@@ -149,8 +149,16 @@ impl Explainer {
         let netns: Vec<u32> = self.classifier.deltas().keys().copied().collect();
         let mut out = Vec::new();
         for n in netns {
-            if let Some(s) = self.read(node, n) {
-                out.extend(self.classifier.counters(n, ts_ns, &s, last));
+            match self.read(node, n) {
+                Some(s) => out.extend(self.classifier.counters(n, ts_ns, &s, last)),
+                // Gone (a pod deleted) or unreadable, with nothing counted: its books go,
+                // so churning pods do not grow them. Were it still there, the next poll
+                // finds it again (and counts from zero if it was made after the start).
+                None if self.classifier.idle(n) => {
+                    self.classifier.forget(n);
+                    node.forget(n);
+                }
+                None => {}
             }
         }
         out
@@ -164,5 +172,106 @@ impl Explainer {
     /// Counter deltas per namespace since its baseline.
     pub fn deltas(&self) -> BTreeMap<u32, CpuStats> {
         self.classifier.deltas()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{collections::BTreeMap, path::Path, sync::Arc};
+
+    use super::*;
+    use crate::{ctstats::CtEntry, events::FiveTuple, node::NsAnswer, pods::Workload};
+
+    /// A node whose namespaces and readings the test sets.
+    #[derive(Default)]
+    struct Fake {
+        at_start: Vec<(u32, CpuStats)>,
+        /// `None`: the namespace is gone.
+        now: BTreeMap<u32, Option<CpuStats>>,
+        found: Vec<(u32, CpuStats)>,
+        forgotten: Vec<u32>,
+    }
+
+    impl Node for Fake {
+        fn baselines(&mut self) -> Vec<(u32, CpuStats)> {
+            self.at_start.clone()
+        }
+        fn track(&mut self, _: &Path) -> Result<(u32, CpuStats), String> {
+            Err("not here".into())
+        }
+        fn discover(&mut self) -> Vec<(u32, CpuStats)> {
+            std::mem::take(&mut self.found)
+        }
+        fn forget(&mut self, netns: u32) {
+            self.forgotten.push(netns);
+        }
+        fn counters(&mut self, netns: u32) -> NsAnswer<Option<CpuStats>> {
+            NsAnswer {
+                reborn: false,
+                value: self.now.get(&netns).cloned().flatten(),
+            }
+        }
+        fn winner(
+            &mut self,
+            _: u32,
+            _: TupleDir,
+            _: &FiveTuple,
+        ) -> NsAnswer<Result<Option<CtEntry>, String>> {
+            NsAnswer {
+                reborn: false,
+                value: Ok(None),
+            }
+        }
+        fn symbol(&mut self, addr: u64) -> String {
+            format!("{addr:#x}")
+        }
+        fn workload(&mut self, _: u64, _: u32, _: Option<u32>) -> Arc<Workload> {
+            Arc::new(Workload::unknown())
+        }
+    }
+
+    fn reading(insert: u32, clash_resolve: u32) -> CpuStats {
+        CpuStats {
+            insert,
+            clash_resolve,
+            ..CpuStats::default()
+        }
+    }
+
+    #[test]
+    fn a_namespace_found_later_counts_from_where_the_node_says() {
+        let mut node = Fake {
+            at_start: vec![(1, reading(10, 4))],
+            ..Fake::default()
+        };
+        let mut e = Explainer::start(&mut node);
+        // Made after the start, 3 clashes already: all of them are this run's.
+        node.found = vec![(2, CpuStats::default())];
+        node.now.insert(1, Some(reading(10, 4)));
+        node.now.insert(2, Some(reading(5, 3)));
+        let f = e.poll(&mut node, 1, false);
+        let got: Vec<(u32, Verdict, u64)> =
+            f.iter().map(|f| (f.netns, f.verdict, f.count)).collect();
+        assert_eq!(got, [(2, Verdict::InsertClashResolved, 3)]);
+    }
+
+    #[test]
+    fn a_gone_namespace_with_nothing_counted_is_forgotten_and_others_are_kept() {
+        let mut node = Fake {
+            at_start: vec![(1, reading(10, 0)), (2, reading(10, 0))],
+            ..Fake::default()
+        };
+        let mut e = Explainer::start(&mut node);
+        // Traffic in both (`insert` moves); a clash in 2 only.
+        node.now.insert(1, Some(reading(50, 0)));
+        node.now.insert(2, Some(reading(50, 1)));
+        assert_eq!(e.poll(&mut node, 1, false).len(), 1);
+        // Both pods deleted.
+        node.now.insert(1, None);
+        node.now.insert(2, None);
+        assert!(e.poll(&mut node, 2, false).is_empty());
+        assert_eq!(node.forgotten, [1]);
+        assert!(!e.classifier.knows(1));
+        assert_eq!(e.deltas()[&2].clash_resolve, 1, "what was counted stays");
     }
 }

@@ -40,6 +40,9 @@ pub trait Node: Send {
     fn discover(&mut self) -> Vec<(u32, CpuStats)> {
         Vec::new()
     }
+    /// The caller dropped its books of `netns` (gone, nothing counted): a namespace found
+    /// with that inode later is a new discovery.
+    fn forget(&mut self, _netns: u32) {}
     /// The counters of `netns` now; `None` when it can not be read (gone, no conntrack).
     fn counters(&mut self, netns: u32) -> NsAnswer<Option<CpuStats>>;
     /// The entry holding `key` in direction `dir` in `netns`.
@@ -167,6 +170,11 @@ impl Node for LiveNode {
         self.paths.insert(inum, path.to_owned());
         self.reported.insert(inum);
         Ok((inum, s.totals()))
+    }
+
+    fn forget(&mut self, netns: u32) {
+        self.reported.remove(&netns);
+        self.paths.remove(&netns);
     }
 
     fn discover(&mut self) -> Vec<(u32, CpuStats)> {

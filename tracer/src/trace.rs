@@ -481,6 +481,10 @@ impl Node for Recording {
         v
     }
 
+    fn forget(&mut self, netns: u32) {
+        self.inner.forget(netns);
+    }
+
     fn track(&mut self, path: &Path) -> Result<(u32, CpuStats), String> {
         let r = self.inner.track(path);
         self.write(&Line::Track {
