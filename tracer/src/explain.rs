@@ -141,12 +141,13 @@ impl Explainer {
     /// whose books are open. `last`: the run's last reading.
     pub fn poll(&mut self, node: &mut dyn Node, ts_ns: u64, last: bool) -> Vec<Finding> {
         // Namespaces made since the start (a pod, a lab) count from their first counter.
-        for (n, base) in node.discover() {
+        let classifier = &self.classifier;
+        for (n, base) in node.discover(&|n| classifier.knows(n)) {
             if !self.classifier.knows(n) {
                 self.classifier.baseline(n, &base);
             }
         }
-        let netns: Vec<u32> = self.classifier.deltas().keys().copied().collect();
+        let netns = self.classifier.netns();
         let mut out = Vec::new();
         for n in netns {
             match self.read(node, n) {
@@ -199,8 +200,10 @@ mod tests {
         fn track(&mut self, _: &Path) -> Result<(u32, CpuStats), String> {
             Err("not here".into())
         }
-        fn discover(&mut self) -> Vec<(u32, CpuStats)> {
-            std::mem::take(&mut self.found)
+        fn discover(&mut self, known: &dyn Fn(u32) -> bool) -> Vec<(u32, CpuStats)> {
+            let mut found = std::mem::take(&mut self.found);
+            found.retain(|(n, _)| !known(*n));
+            found
         }
         fn forget(&mut self, netns: u32) {
             self.forgotten.push(netns);

@@ -33,15 +33,15 @@ pub trait Node: Send {
     fn baselines(&mut self) -> Vec<(u32, CpuStats)>;
     /// Adds a namespace the caller knows by path; its inode and counters.
     fn track(&mut self, path: &Path) -> Result<(u32, CpuStats), String>;
-    /// Namespaces not reported before whose counters can be read now, each with the
+    /// Namespaces the caller does not `know` whose counters can be read now, each with the
     /// reading its books start from: zero for one created after the run started (or one
     /// that had no conntrack then: nf_conntrack loaded later), its current counters for one
     /// that existed but could not be read then. A node that can not look finds none.
-    fn discover(&mut self) -> Vec<(u32, CpuStats)> {
+    fn discover(&mut self, _known: &dyn Fn(u32) -> bool) -> Vec<(u32, CpuStats)> {
         Vec::new()
     }
-    /// The caller dropped its books of `netns` (gone, nothing counted): a namespace found
-    /// with that inode later is a new discovery.
+    /// The caller dropped its books of `netns` (gone, nothing counted): the node may drop
+    /// what it keeps for it.
     fn forget(&mut self, _netns: u32) {}
     /// The counters of `netns` now; `None` when it can not be read (gone, no conntrack).
     fn counters(&mut self, netns: u32) -> NsAnswer<Option<CpuStats>>;
@@ -99,8 +99,6 @@ pub struct LiveNode {
     /// Whether any namespace's counters could be read at the start (else conntrack was not
     /// loaded: every namespace's counters start from zero when it is).
     conntrack_at_start: bool,
-    /// Namespaces whose readings were reported (baselines, track, discover).
-    reported: BTreeSet<u32>,
 }
 
 impl LiveNode {
@@ -113,7 +111,6 @@ impl LiveNode {
             symbols,
             pods,
             conntrack_at_start: false,
-            reported: BTreeSet::new(),
         }
     }
 
@@ -150,10 +147,7 @@ impl Node for LiveNode {
         let mut out = Vec::new();
         for (inum, path) in &self.paths {
             match ctstats::read_in(path) {
-                Ok(s) => {
-                    self.reported.insert(*inum);
-                    out.push((*inum, s.totals()))
-                }
+                Ok(s) => out.push((*inum, s.totals())),
                 Err(e) => log::debug!(
                     "no conntrack statistics for netns {inum} ({}): {e}",
                     path.display()
@@ -168,27 +162,24 @@ impl Node for LiveNode {
         let inum = fs::metadata(path).map_err(|e| e.to_string())?.ino() as u32;
         let s = ctstats::read_in(path).map_err(|e| e.to_string())?;
         self.paths.insert(inum, path.to_owned());
-        self.reported.insert(inum);
         Ok((inum, s.totals()))
     }
 
     fn forget(&mut self, netns: u32) {
-        self.reported.remove(&netns);
         self.paths.remove(&netns);
     }
 
-    fn discover(&mut self) -> Vec<(u32, CpuStats)> {
+    fn discover(&mut self, known: &dyn Fn(u32) -> bool) -> Vec<(u32, CpuStats)> {
         self.rescan();
         let mut out = Vec::new();
         for (inum, path) in &self.paths {
-            if self.reported.contains(inum) {
+            if known(*inum) {
                 continue;
             }
             // No conntrack in it (yet), or gone: asked again at the next discovery.
             let Ok(s) = ctstats::read_in(path) else {
                 continue;
             };
-            self.reported.insert(*inum);
             let existed = self.at_start.contains(inum) && self.conntrack_at_start;
             log::debug!(
                 "netns {inum} ({}): counters from {}",

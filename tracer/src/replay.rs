@@ -266,7 +266,7 @@ impl Node for ReplayNode {
         .unwrap_or_default()
     }
 
-    fn discover(&mut self) -> Vec<(u32, CpuStats)> {
+    fn discover(&mut self, _known: &dyn Fn(u32) -> bool) -> Vec<(u32, CpuStats)> {
         // Recorded only when something was found (and never by older versions): the
         // answer is the next line or there is none.
         let mut a = self.answers();

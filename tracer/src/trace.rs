@@ -471,8 +471,8 @@ impl Node for Recording {
         v
     }
 
-    fn discover(&mut self) -> Vec<(u32, CpuStats)> {
-        let v = self.inner.discover();
+    fn discover(&mut self, known: &dyn Fn(u32) -> bool) -> Vec<(u32, CpuStats)> {
+        let v = self.inner.discover(known);
         if !v.is_empty() {
             self.write(&Line::Discovered {
                 netns: NetnsStats::list(&v),

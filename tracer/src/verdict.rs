@@ -223,6 +223,11 @@ impl Classifier {
         self.books.contains_key(&netns)
     }
 
+    /// The namespaces whose books are open.
+    pub fn netns(&self) -> Vec<u32> {
+        self.books.keys().copied().collect()
+    }
+
     /// Whether the books of `netns` hold nothing a verdict is made of: none of the counters
     /// the verdicts are checked against moved since its baseline (traffic alone moves
     /// `insert` and `found`), and nothing waits to be named. Forgetting them loses no

@@ -386,7 +386,7 @@ fn a_namespace_made_after_the_start_has_its_resolved_clashes_counted() {
         &lab.server,
         &[backend],
         53,
-        &[("race.test", "10.96.7.7".parse().unwrap())],
+        &[(tracer::traffic::RACE_QNAME, "10.96.7.7".parse().unwrap())],
     )
     .unwrap();
     // A service VIP DNATed in the client's namespace: A and AAAA sent at once from one
