@@ -8,7 +8,7 @@ use crate::{
     explain::Explainer,
     lookups::{Config, Correlator, Lookup},
     node::Node,
-    pods::Workload,
+    pods::{Workload, WorkloadKind},
     verdict::Finding,
 };
 
@@ -69,9 +69,16 @@ impl Pipeline {
     ) -> Result<(), E> {
         match ev {
             Event::DnsSend(d) | Event::DnsRecv(d) => {
-                let w = self
+                let mut w = self
                     .node
                     .workload(d.task.cgroup_id, d.task.netns, d.task.pid);
+                // A host process that exited before it was looked up in /proc (a short
+                // `getent`) still has the name the kernel saw with its pid.
+                if w.kind == WorkloadKind::Host && w.process.is_none() && d.task.pid.is_some() {
+                    if let Some(comm) = &d.task.comm {
+                        w = Arc::new(Workload::host(Some(comm.clone())));
+                    }
+                }
                 sink(Item::Event {
                     ev,
                     workload: Some(w.clone()),
