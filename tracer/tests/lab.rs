@@ -93,18 +93,33 @@ fn sources<'a>(findings: &'a [Value], verdict: &str) -> std::collections::BTreeS
         .collect()
 }
 
+/// A lab run whose `counter` rose in the node: the race is a matter of scheduling (an
+/// emulated guest beside another can go 30 rounds without one), so up to 3 runs, every one
+/// held to its checks.
+fn raced(args: &[&str], counter_name: &str) -> (Vec<Value>, Value) {
+    for _ in 0..3 {
+        let (findings, r) = lab_stream(args);
+        for c in r["checks"].as_array().unwrap() {
+            assert_eq!(c["ok"], true, "{c}\n{r:#}");
+        }
+        if counter(&r, counter_name) > 0 {
+            return (findings, r);
+        }
+    }
+    panic!("{counter_name} never rose in 3 runs of {args:?}");
+}
+
 #[test]
 fn skipping_fexit_takes_the_kprobes_on_the_conntrack_functions() {
     // With `--skip fexit` the guest tier's kernel (kprobes, nf_conntrack a module) takes
     // the kprobe/kretprobe pairs on __nf_conntrack_confirm and nf_ct_resolve_clash; this
     // machine has no kprobes and takes tp_btf kfree_skb and the counters. Verdicts equal
     // the counters on every path.
-    let (findings, r) = lab_stream(&["dns-race", "--rounds", "30", "--skip", "fexit"]);
-    for c in r["checks"].as_array().unwrap() {
-        assert_eq!(c["ok"], true, "{c}\n{r:#}");
-    }
+    let (findings, r) = raced(
+        &["dns-race", "--rounds", "30", "--skip", "fexit"],
+        "clash_resolve",
+    );
     let resolved = counter(&r, "clash_resolve");
-    assert!(resolved > 0, "no race in 30 rounds: {r:#}");
     assert_eq!(verdict(&r, "insert-clash-resolved"), resolved);
     let found = sources(&findings, "insert-clash-resolved");
     if trampolines() {
@@ -117,12 +132,11 @@ fn skipping_fexit_takes_the_kprobes_on_the_conntrack_functions() {
         assert_eq!(found, ["conntrack statistics"].into(), "{r:#}");
     }
 
-    let (findings, r) = lab_stream(&["snat-race", "--rounds", "30", "--skip", "fexit"]);
-    for c in r["checks"].as_array().unwrap() {
-        assert_eq!(c["ok"], true, "{c}\n{r:#}");
-    }
+    let (findings, r) = raced(
+        &["snat-race", "--rounds", "30", "--skip", "fexit"],
+        "insert_failed",
+    );
     let failed = counter(&r, "insert_failed");
-    assert!(failed > 0, "no SNAT race in 30 rounds: {r:#}");
     assert_eq!(verdict(&r, "snat-port-clash"), failed);
     let found = sources(&findings, "snat-port-clash");
     let expected = if trampolines() {
