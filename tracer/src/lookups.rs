@@ -23,6 +23,7 @@
 
 use std::{
     collections::{HashMap, VecDeque},
+    hash::BuildHasher as _,
     net::SocketAddr,
     sync::Arc,
 };
@@ -38,6 +39,16 @@ use crate::{
 
 const MS: u64 = 1_000_000;
 const SEC: u64 = 1_000_000_000;
+
+/// The correlator's indexes are hit several times per packet: a fast hasher, with a fixed
+/// seed so that a replay walks them as the live run did.
+type Map<K, V> = HashMap<K, V, foldhash::fast::FixedState>;
+
+/// A DNS name (already lowercased) as an index key; a collision only costs a comparison,
+/// since every hit is checked against the name itself.
+fn name_key(name: &str) -> u64 {
+    foldhash::fast::FixedState::default().hash_one(name)
+}
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Config {
@@ -63,6 +74,11 @@ pub struct Config {
     pub hold_ns: u64,
     pub max_open: usize,
     pub max_pending: usize,
+    /// Lookups are handed out only once a ring-loss reading ([`Correlator::on_loss_reading`])
+    /// covers their close, so that one whose records may have been lost is never handed out
+    /// as complete. Set by live runs, which read the loss counters; traces keep it.
+    #[serde(default)]
+    pub loss_gate: bool,
 }
 
 impl Default for Config {
@@ -78,6 +94,7 @@ impl Default for Config {
             hold_ns: 0,
             max_open: 65_536,
             max_pending: 16_384,
+            loss_gate: false,
         }
     }
 }
@@ -185,6 +202,9 @@ pub enum Outcome {
     Unanswered,
     /// Closed early to bound memory.
     Shed,
+    /// Records of the tracer's ring buffer were lost while it was open (or shortly before
+    /// it started): a query, answer or drop of it may be missing, so no verdict is drawn.
+    Incomplete,
 }
 
 impl Outcome {
@@ -196,6 +216,7 @@ impl Outcome {
             Outcome::Error => "error",
             Outcome::Unanswered => "unanswered",
             Outcome::Shed => "shed",
+            Outcome::Incomplete => "incomplete",
         }
     }
 }
@@ -234,6 +255,14 @@ pub struct Lookup {
     pub cause: String,
     /// Worth a timeline: something was lost, retried, raced, unanswered, failed or slow.
     pub problem: bool,
+    /// Ring-buffer records lost (on any CPU) while it was open: then the outcome is
+    /// `incomplete`.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub lost_records: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 impl Lookup {
@@ -252,7 +281,7 @@ impl Lookup {
 
 /// Who sent a query, for grouping: the process, or the cgroup and address when the
 /// source could not see the process.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 enum ClientKey {
     Process {
         netns: u32,
@@ -322,22 +351,67 @@ pub struct Stats {
     pub undecodable: u64,
     pub lookups: u64,
     pub problems: u64,
+    /// Lookups handed out as `incomplete` (records lost in their window).
+    pub incomplete: u64,
+    /// Ring-buffer records lost, as the loss readings reported them.
+    pub lost_records: u64,
     pub shed: Shed,
+}
+
+/// A finished lookup on its way out.
+struct Closed {
+    /// When it was settled (its last answer) or given up.
+    at: u64,
+    lookup: Lookup,
+}
+
+impl Closed {
+    /// Until when a record of it could still come: a sibling sent late joins within
+    /// `settle_ns` of the last answer.
+    fn until(&self, cfg: &Config) -> u64 {
+        self.at.saturating_add(cfg.settle_ns)
+    }
+}
+
+/// The last ring-loss reading that found losses.
+#[derive(Debug, Clone, Copy)]
+struct Loss {
+    /// The previous reading: the records were lost after it...
+    from_ns: u64,
+    /// ... and before this one.
+    to_ns: u64,
+    records: u64,
 }
 
 pub struct Correlator {
     cfg: Config,
     next_id: u64,
-    open: HashMap<u64, Open>,
+    open: Map<u64, Open>,
     /// Lookup ids in creation order, for shedding the oldest.
     order: VecDeque<u64>,
-    by_client: HashMap<ClientKey, Vec<u64>>,
-    by_flow: HashMap<FlowKey, Vec<(u64, usize)>>,
+    /// (client, name) -> the open lookups of that client that asked that name.
+    by_name: Map<(ClientKey, u64), Vec<u64>>,
+    /// (client, first label) -> open lookups whose current name was answered negatively:
+    /// where the next search expansion goes. Checked on use (a lookup may have moved on).
+    negative: Map<(ClientKey, u64), Vec<u64>>,
+    /// (flow, DNS id) -> the queries sent on it, as (lookup, query index).
+    by_flow: Map<(FlowKey, u16), Vec<(u64, usize)>>,
     pending: VecDeque<Pending>,
+    /// Lookups whose every name was answered, by the time that happened: closed once
+    /// `settle_ns` has passed on the correlator's clock.
+    settling: VecDeque<(u64, u64)>,
+    /// The latest time seen in an event or a tick.
+    clock_ns: u64,
     /// The time of the previous `tick` (the previous counter reading).
     prev_tick_ns: u64,
-    /// Finished, held for `hold_ns` (with the time they finished).
-    closing: VecDeque<(u64, Lookup)>,
+    /// Finished lookups a counter reading can still place a resolved clash on, held for
+    /// `hold_ns`.
+    closing: VecDeque<Closed>,
+    /// Finished lookups waiting for a loss reading that covers their close (`loss_gate`).
+    unconfirmed: VecDeque<Closed>,
+    /// Every loss before this time is known (`loss_gate`).
+    loss_known_ns: u64,
+    last_loss: Option<Loss>,
     done: Vec<Lookup>,
     pub stats: Stats,
 }
@@ -374,13 +448,19 @@ impl Correlator {
         Correlator {
             cfg,
             next_id: 1,
-            open: HashMap::new(),
+            open: Map::default(),
             order: VecDeque::new(),
-            by_client: HashMap::new(),
-            by_flow: HashMap::new(),
+            by_name: Map::default(),
+            negative: Map::default(),
+            by_flow: Map::default(),
             pending: VecDeque::new(),
+            settling: VecDeque::new(),
+            clock_ns: 0,
             prev_tick_ns: 0,
             closing: VecDeque::new(),
+            unconfirmed: VecDeque::new(),
+            loss_known_ns: 0,
+            last_loss: None,
             done: Vec::new(),
             stats: Stats::default(),
         }
@@ -404,6 +484,7 @@ impl Correlator {
         if w.response {
             return;
         }
+        self.advance(d.ts_ns);
         self.stats.queries += 1;
         let client = client_key(d);
         let lid = self.find_lookup(&client, d, &w);
@@ -414,6 +495,15 @@ impl Correlator {
         let Some(open) = self.open.get_mut(&lid) else {
             return;
         };
+        if !open.lookup.queries.iter().any(|q| q.qname == w.qname) {
+            let ids = self
+                .by_name
+                .entry((client, name_key(&w.qname)))
+                .or_default();
+            if !ids.contains(&lid) {
+                ids.push(lid);
+            }
+        }
         let attempt = 1 + open
             .lookup
             .queries
@@ -470,7 +560,10 @@ impl Correlator {
             unanswered: false,
         });
         let flow = (d.tuple.src, d.tuple.dst);
-        self.by_flow.entry(flow).or_default().push((lid, idx));
+        self.by_flow
+            .entry((flow, w.id))
+            .or_default()
+            .push((lid, idx));
         self.match_pending(flow);
     }
 
@@ -483,8 +576,9 @@ impl Correlator {
         if !w.response {
             return;
         }
+        self.advance(d.ts_ns);
         self.stats.answers += 1;
-        let refs = self.refs(d.tuple.dst, d.tuple.src);
+        let refs = self.refs(d.tuple.dst, d.tuple.src, w.id);
         // The latest try this answer can belong to: same id, name and type, sent before it,
         // not yet answered; a try whose packet was lost can not have been answered.
         let mut best: Option<(u64, usize, bool)> = None;
@@ -556,6 +650,38 @@ impl Correlator {
         };
         if let Some(o) = self.open.get_mut(&lid) {
             o.settled = Some((d.ts_ns, outcome));
+            self.settling.push_back((d.ts_ns, lid));
+            if outcome == Outcome::Negative {
+                let ids = self
+                    .negative
+                    .entry((o.client, name_key(first_label(&o.lookup.name))))
+                    .or_default();
+                if !ids.contains(&lid) {
+                    ids.push(lid);
+                }
+            }
+        }
+    }
+
+    /// Moves the correlator's clock to `ts_ns` (if later) and closes the lookups that have
+    /// been settled for `settle_ns` by then, so that a busy client's answered lookups do not
+    /// pile up until the next tick.
+    fn advance(&mut self, ts_ns: u64) {
+        self.clock_ns = self.clock_ns.max(ts_ns);
+        while let Some(&(t, lid)) = self.settling.front() {
+            if self.clock_ns.saturating_sub(t) < self.cfg.settle_ns {
+                break;
+            }
+            self.settling.pop_front();
+            let Some(o) = self.open.get(&lid) else {
+                continue;
+            };
+            // Still settled as of then: no query joined since.
+            if let Some((st, outcome)) = o.settled {
+                if st == t {
+                    self.close(lid, t, outcome);
+                }
+            }
         }
     }
 
@@ -623,7 +749,7 @@ impl Correlator {
             .open
             .values_mut()
             .map(|o| &mut o.lookup)
-            .chain(self.closing.iter_mut().map(|(_, l)| l));
+            .chain(self.closing.iter_mut().map(|c| &mut c.lookup));
         let candidates: Vec<&mut Lookup> = lookups
             .filter(|l| l.queries.iter().any(|q| in_window(l, q)))
             .collect();
@@ -667,7 +793,17 @@ impl Correlator {
     fn attach(&mut self, flow: FlowKey, dns_id: Option<u16>, fate: &Fate) -> Option<Arc<Workload>> {
         // The latest query of this flow (and id) sent before the fate, without a fate yet.
         let mut best: Option<(u64, usize, u64)> = None;
-        for (lid, idx) in self.refs(flow.0, flow.1) {
+        let refs: Vec<(u64, usize)> = match dns_id {
+            Some(id) => self.refs(flow.0, flow.1, id).collect(),
+            // No DNS header in the dropped packet: every query of the flow (rare; a walk).
+            None => self
+                .by_flow
+                .iter()
+                .filter(|(((c, s), _), _)| (*c, *s) == flow || unbound(flow) == Some((*c, *s)))
+                .flat_map(|(_, v)| v.iter().copied())
+                .collect(),
+        };
+        for (lid, idx) in refs {
             let Some(q) = self.open.get(&lid).and_then(|o| o.lookup.queries.get(idx)) else {
                 continue;
             };
@@ -701,11 +837,12 @@ impl Correlator {
         &self,
         client: SocketAddr,
         server: SocketAddr,
+        id: u16,
     ) -> impl Iterator<Item = (u64, usize)> + '_ {
         let flow = (client, server);
-        let exact = self.by_flow.get(&flow).into_iter().flatten();
+        let exact = self.by_flow.get(&(flow, id)).into_iter().flatten();
         let wild = unbound(flow)
-            .and_then(|w| self.by_flow.get(&w))
+            .and_then(|w| self.by_flow.get(&(w, id)))
             .into_iter()
             .flatten();
         exact.chain(wild).copied()
@@ -730,49 +867,67 @@ impl Correlator {
         }
     }
 
+    /// The open lookup a query joins, if any: the newest lookup of the same client that
+    /// asked this name and takes the query as a sibling or a retry, or whose name was
+    /// answered negatively and this is the next search expansion.
     fn find_lookup(&self, client: &ClientKey, d: &DnsEvent, w: &Wire) -> Option<u64> {
-        let ids = self.by_client.get(client)?;
-        for &lid in ids.iter().rev() {
-            let Some(o) = self.open.get(&lid) else {
-                continue;
-            };
-            let l = &o.lookup;
-            let same_name = l.queries.iter().any(|q| q.qname == w.qname);
-            if same_name {
-                let same_type: Vec<&Query> = l
-                    .queries
-                    .iter()
-                    .filter(|q| q.qname == w.qname && q.qtype_code == w.qtype)
-                    .collect();
-                match same_type.last() {
-                    // The sibling of a query already there.
-                    None => return Some(lid),
-                    Some(prev) => {
-                        let gap = d.ts_ns.saturating_sub(prev.ts_ns);
-                        // A retry: after a gap, on any socket of the process, of a query
-                        // not answered (or answered truncated or with SERVFAIL), or of an
-                        // answered one while the lookup still waits for another type
-                        // (glibc resends both A and AAAA, from a new socket).
-                        let redo = match &prev.answer {
-                            None => true,
-                            Some(a) => a.truncated || a.rcode == "SERVFAIL" || o.settled.is_none(),
-                        };
-                        if gap >= self.cfg.min_retry_gap_ns && redo {
-                            return Some(lid);
-                        }
-                    }
-                }
-                continue;
-            }
-            // The next search expansion: same first label, after the current name was
-            // answered negatively.
-            if o.settled.is_some_and(|(_, x)| x == Outcome::Negative)
-                && first_label(&l.name) == first_label(&w.qname)
-            {
-                return Some(lid);
+        let same_name = self
+            .by_name
+            .get(&(*client, name_key(&w.qname)))
+            .into_iter()
+            .flatten()
+            .copied()
+            .filter(|lid| {
+                self.open
+                    .get(lid)
+                    .is_some_and(|o| self.takes_same_name(o, d, w))
+            })
+            .max();
+        let expansion = self
+            .negative
+            .get(&(*client, name_key(first_label(&w.qname))))
+            .into_iter()
+            .flatten()
+            .copied()
+            .filter(|lid| {
+                self.open.get(lid).is_some_and(|o| {
+                    o.settled.is_some_and(|(_, x)| x == Outcome::Negative)
+                        && first_label(&o.lookup.name) == first_label(&w.qname)
+                        && !o.lookup.queries.iter().any(|q| q.qname == w.qname)
+                })
+            })
+            .max();
+        same_name.max(expansion)
+    }
+
+    /// Whether `o`, which asked this query's name, takes it: as the sibling of a query
+    /// already there, or as a retry.
+    fn takes_same_name(&self, o: &Open, d: &DnsEvent, w: &Wire) -> bool {
+        let l = &o.lookup;
+        if !l.queries.iter().any(|q| q.qname == w.qname) {
+            return false;
+        }
+        let prev = l
+            .queries
+            .iter()
+            .rev()
+            .find(|q| q.qname == w.qname && q.qtype_code == w.qtype);
+        match prev {
+            // The sibling of a query already there.
+            None => true,
+            Some(prev) => {
+                let gap = d.ts_ns.saturating_sub(prev.ts_ns);
+                // A retry: after a gap, on any socket of the process, of a query not
+                // answered (or answered truncated or with SERVFAIL), or of an answered one
+                // while the lookup still waits for another type (glibc resends both A and
+                // AAAA, from a new socket).
+                let redo = match &prev.answer {
+                    None => true,
+                    Some(a) => a.truncated || a.rcode == "SERVFAIL" || o.settled.is_none(),
+                };
+                gap >= self.cfg.min_retry_gap_ns && redo
             }
         }
-        None
     }
 
     fn new_lookup(
@@ -805,14 +960,19 @@ impl Correlator {
                     queries: Vec::new(),
                     cause: String::new(),
                     problem: false,
+                    // Its first try may have been among records lost shortly before: then
+                    // this query is a retry and the lookup started earlier.
+                    lost_records: self
+                        .last_loss
+                        .filter(|l| d.ts_ns <= l.to_ns.saturating_add(self.cfg.timeout_ns))
+                        .map_or(0, |l| l.records),
                 },
-                client: client.clone(),
+                client,
                 last_ns: d.ts_ns,
                 settled: None,
                 routed: Vec::new(),
             },
         );
-        self.by_client.entry(client).or_default().push(lid);
         self.order.push_back(lid);
         while self.open.len() > self.cfg.max_open {
             let Some(old) = self.order.pop_front() else {
@@ -829,6 +989,7 @@ impl Correlator {
     /// Advances time: marks queries unanswered after the timeout, closes lookups that are
     /// idle or settled, and drops fates that never found their query.
     pub fn tick(&mut self, now_ns: u64) {
+        self.advance(now_ns);
         let mut to_close = Vec::new();
         for (lid, o) in self.open.iter_mut() {
             for q in o.lookup.queries.iter_mut() {
@@ -857,12 +1018,12 @@ impl Correlator {
             self.pending.pop_front();
             self.stats.unmatched_fates += 1;
         }
-        while let Some((at, _)) = self.closing.front() {
-            if now_ns.saturating_sub(*at) < self.cfg.hold_ns {
+        while let Some(c) = self.closing.front() {
+            if now_ns.saturating_sub(c.at) < self.cfg.hold_ns {
                 break;
             }
-            if let Some((_, l)) = self.closing.pop_front() {
-                self.done.push(l);
+            if let Some(c) = self.closing.pop_front() {
+                self.release(c);
             }
         }
         self.prev_tick_ns = now_ns;
@@ -884,13 +1045,76 @@ impl Correlator {
         }
         self.stats.unmatched_fates += self.pending.len() as u64;
         self.pending.clear();
-        self.done.extend(self.closing.drain(..).map(|(_, l)| l));
+        self.loss_known_ns = u64::MAX;
+        while let Some(c) = self.closing.pop_front() {
+            self.release(c);
+        }
+        self.confirm();
+    }
+
+    /// A reading of the ring-buffer loss counters at `to_ns`: `records` were lost since
+    /// the previous reading (at `from_ns`). Every lookup that was open in that window, or
+    /// closed within it, is `incomplete`; so is one that starts within the resolver's
+    /// timeout after it (its first try may have been lost). With `loss_gate`, lookups
+    /// closed before `to_ns` are handed out now.
+    pub fn on_loss_reading(&mut self, from_ns: u64, to_ns: u64, records: u64) {
+        if records > 0 {
+            self.stats.lost_records += records;
+            self.last_loss = Some(Loss {
+                from_ns,
+                to_ns,
+                records,
+            });
+            for o in self.open.values_mut() {
+                o.lookup.lost_records += records;
+            }
+            for c in self.closing.iter_mut().chain(self.unconfirmed.iter_mut()) {
+                if c.until(&self.cfg) >= from_ns {
+                    c.lookup.lost_records += records;
+                    incomplete(&mut c.lookup);
+                }
+            }
+        }
+        self.loss_known_ns = self.loss_known_ns.max(to_ns);
+        self.confirm();
+    }
+
+    /// The last reading that found ring-buffer losses: (from, to, records).
+    pub fn last_loss(&self) -> Option<(u64, u64, u64)> {
+        self.last_loss.map(|l| (l.from_ns, l.to_ns, l.records))
+    }
+
+    /// A finished lookup leaves the hold: handed out, or (with `loss_gate`) kept until a
+    /// loss reading covers its close.
+    fn release(&mut self, c: Closed) {
+        if self.cfg.loss_gate && c.until(&self.cfg) > self.loss_known_ns {
+            self.unconfirmed.push_back(c);
+        } else {
+            self.done.push(c.lookup);
+        }
+    }
+
+    /// Hands out the lookups that a loss reading now covers.
+    fn confirm(&mut self) {
+        while let Some(c) = self.unconfirmed.front() {
+            if c.until(&self.cfg) > self.loss_known_ns {
+                break;
+            }
+            if let Some(c) = self.unconfirmed.pop_front() {
+                self.done.push(c.lookup);
+            }
+        }
     }
 
     /// Lookups finished since the last call, in the order they finished.
     pub fn take_done(&mut self) -> Vec<Lookup> {
         self.stats.lookups += self.done.len() as u64;
         self.stats.problems += self.done.iter().filter(|l| l.problem).count() as u64;
+        self.stats.incomplete += self
+            .done
+            .iter()
+            .filter(|l| l.outcome == Outcome::Incomplete)
+            .count() as u64;
         std::mem::take(&mut self.done)
     }
 
@@ -898,21 +1122,24 @@ impl Correlator {
         let Some(o) = self.open.remove(&lid) else {
             return;
         };
-        if let Some(ids) = self.by_client.get_mut(&o.client) {
-            ids.retain(|&x| x != lid);
-            if ids.is_empty() {
-                self.by_client.remove(&o.client);
-            }
-        }
-        for q in &o.lookup.queries {
-            let flow = (q.src, q.server);
-            if let Some(refs) = self.by_flow.get_mut(&flow) {
+        for (i, q) in o.lookup.queries.iter().enumerate() {
+            let key = ((q.src, q.server), q.id);
+            if let Some(refs) = self.by_flow.get_mut(&key) {
                 refs.retain(|&(l, _)| l != lid);
                 if refs.is_empty() {
-                    self.by_flow.remove(&flow);
+                    self.by_flow.remove(&key);
                 }
             }
+            // Each name once.
+            if o.lookup.queries[..i].iter().all(|p| p.qname != q.qname) {
+                unindex(&mut self.by_name, (o.client, name_key(&q.qname)), lid);
+            }
         }
+        unindex(
+            &mut self.negative,
+            (o.client, name_key(first_label(&o.lookup.name))),
+            lid,
+        );
         let mut l = o.lookup;
         // Every query from an unbound socket gets the address one of that socket's packets
         // was seen with (so a pair stays one tuple, also when only one was answered).
@@ -929,7 +1156,7 @@ impl Correlator {
             .max();
         l.end_ns = match outcome {
             Outcome::Answered | Outcome::Error | Outcome::Negative => last_answer.unwrap_or(end_ns),
-            Outcome::Unanswered | Outcome::Shed => {
+            Outcome::Unanswered | Outcome::Shed | Outcome::Incomplete => {
                 // The resolver gave up one timeout after its last try.
                 let last_send = l
                     .queries
@@ -951,12 +1178,53 @@ impl Correlator {
             || l.retries > 0
             || l.latency_ns >= self.cfg.slow_ns
             || l.queries.iter().any(|q| q.fate.is_some() || q.unanswered);
-        if self.cfg.hold_ns == 0 {
-            self.done.push(l);
+        if l.lost_records > 0 {
+            incomplete(&mut l);
+        }
+        // Held only if a counter reading can still place a resolved clash on it.
+        let hold = self.cfg.hold_ns > 0
+            && l.queries
+                .iter()
+                .any(|q| q.fate.is_none() && same_tuple_sibling(&l, q));
+        let c = Closed {
+            at: end_ns,
+            lookup: l,
+        };
+        if hold {
+            self.closing.push_back(c);
         } else {
-            self.closing.push_back((end_ns, l));
+            self.release(c);
         }
     }
+}
+
+/// Takes `lid` out of the index entry `key`.
+fn unindex(map: &mut Map<(ClientKey, u64), Vec<u64>>, key: (ClientKey, u64), lid: u64) {
+    if let Some(ids) = map.get_mut(&key) {
+        ids.retain(|&x| x != lid);
+        if ids.is_empty() {
+            map.remove(&key);
+        }
+    }
+}
+
+/// Makes a finished lookup `incomplete`: records were lost in its window, so what it
+/// lacks (an answer, a retry, a drop) may be the tracer's loss, not the network's. The
+/// queries, answers and drops that were seen stay; no query is called unanswered.
+fn incomplete(l: &mut Lookup) {
+    if l.outcome == Outcome::Shed {
+        return;
+    }
+    l.outcome = Outcome::Incomplete;
+    for q in l.queries.iter_mut() {
+        q.unanswered = false;
+    }
+    l.cause = cause(l);
+    // A drop the kernel reported for one of its packets is evidence still worth showing.
+    l.problem = l
+        .queries
+        .iter()
+        .any(|q| q.fate.as_ref().is_some_and(|f| f.attribution == "packet"));
 }
 
 /// Notes the routed client address a packet of `q` carried, if `q` was sent before its
@@ -984,26 +1252,44 @@ fn resolver(l: &Lookup) -> String {
     l.comm.clone().unwrap_or_else(|| "the resolver".into())
 }
 
+/// What happened to a packet the kernel dropped, as the end of a sentence.
+fn dropped_words(v: Verdict) -> String {
+    match v {
+        Verdict::InsertClashDropped => "lost the conntrack insert race on the node".to_string(),
+        Verdict::SnatPortClash => "lost the SNAT port race on the node (insert failed)".to_string(),
+        Verdict::TableFull => "was dropped because the node's conntrack table was full".to_string(),
+        Verdict::Invalid => "was dropped as INVALID by conntrack".to_string(),
+        Verdict::RulesetDrop => "was dropped by a firewall rule on the node".to_string(),
+        v => format!("was dropped ({})", v.name()),
+    }
+}
+
 /// One sentence: why the lookup took what it took.
 pub fn cause(l: &Lookup) -> String {
     let lost = l
         .queries
         .iter()
         .find(|q| q.fate.as_ref().is_some_and(|f| f.lost));
+    if l.outcome == Outcome::Incomplete {
+        let missing = format!(
+            "{} ring-buffer record(s) were lost while it was open (the tracer fell behind)",
+            l.lost_records
+        );
+        return match lost.and_then(|q| Some((q, q.fate.as_ref()?))) {
+            Some((q, f)) => format!(
+                "{} {}; {missing}, so its retries and answers may be missing",
+                q.qtype,
+                dropped_words(f.verdict)
+            ),
+            None => format!(
+                "incomplete: {missing}; a query, answer or drop of it may be missing, so no \
+                 verdict is drawn"
+            ),
+        };
+    }
     if let Some(q) = lost {
         let f = q.fate.as_ref().expect("found with a fate");
-        let what = match f.verdict {
-            Verdict::InsertClashDropped => "lost the conntrack insert race on the node".to_string(),
-            Verdict::SnatPortClash => {
-                "lost the SNAT port race on the node (insert failed)".to_string()
-            }
-            Verdict::TableFull => {
-                "was dropped because the node's conntrack table was full".to_string()
-            }
-            Verdict::Invalid => "was dropped as INVALID by conntrack".to_string(),
-            Verdict::RulesetDrop => "was dropped by a firewall rule on the node".to_string(),
-            v => format!("was dropped ({})", v.name()),
-        };
+        let what = dropped_words(f.verdict);
         let dir = if f.reply { " (its answer)" } else { "" };
         let retry = l.queries.iter().find(|r| {
             r.qname == q.qname && r.qtype_code == q.qtype_code && r.attempt == q.attempt + 1

@@ -758,3 +758,102 @@ fn an_unbound_sockets_pair_takes_the_routed_address_one_of_them_was_seen_with() 
         "no packet of that socket was seen routed"
     );
 }
+
+#[test]
+fn an_answered_lookup_closes_on_the_event_clock_without_a_tick() {
+    let mut s = Stream::new();
+    let a = s.send(0, 40000, 9, 1, "svc.example", QTYPE_A, false);
+    s.answer(MS, 40000, &a, 0, true);
+    assert!(s.c.take_done().is_empty(), "settling");
+    // Another client's query 100 ms later moves the clock past the settle time.
+    let _ = s.send(101 * MS, 40001, 10, 2, "other.example", QTYPE_A, false);
+    let done = s.c.take_done();
+    assert_eq!(done.len(), 1);
+    assert_eq!(done[0].outcome, Outcome::Answered);
+    assert_eq!(s.c.open_lookups(), 1);
+}
+
+#[test]
+fn one_busy_client_keeps_each_name_in_its_own_lookup() {
+    // One process, 64 sockets, 20,000 unique names at 10 µs apart, every one answered:
+    // each query finds its lookup through the (client, name) index, not a walk.
+    let mut s = Stream::new();
+    let n = 20_000u64;
+    for i in 0..n {
+        let port = 40000 + (i % 64) as u16;
+        let name = format!("q{i:08}.load.test");
+        let q = s.send(
+            i * 10_000,
+            port,
+            100 + i % 64,
+            (i % 65_536) as u16,
+            &name,
+            QTYPE_A,
+            false,
+        );
+        s.answer(i * 10_000 + 200_000, port, &q, 0, true);
+    }
+    let mut done = s.c.take_done();
+    s.c.flush(n * 10_000 + S);
+    done.extend(s.c.take_done());
+    assert_eq!(done.len() as u64, n);
+    assert!(done.iter().all(|l| l.outcome == Outcome::Answered
+        && l.queries.len() == 1
+        && l.retries == 0
+        && !l.problem));
+    assert_eq!(s.c.stats.unmatched_answers, 0);
+}
+
+#[test]
+fn a_loss_makes_the_lookups_open_in_its_window_incomplete_never_unanswered() {
+    let cfg = Config {
+        loss_gate: true,
+        ..Config::default()
+    };
+    let mut s = Stream::with(cfg);
+    s.c.on_loss_reading(0, 0, 0);
+    // Answered before the loss: handed out once a reading covers it.
+    let a = s.send(10 * MS, 40000, 9, 1, "before.example", QTYPE_A, false);
+    s.answer(11 * MS, 40000, &a, 0, true);
+    // Open during the loss; its answer was among the lost records.
+    let _ = s.send(20 * MS, 40001, 10, 2, "lost.example", QTYPE_A, false);
+    s.c.tick(200 * MS);
+    assert!(s.c.take_done().is_empty(), "no loss reading covers it yet");
+    s.c.on_loss_reading(0, 150 * MS, 0);
+    let done = s.c.take_done();
+    assert_eq!(done.len(), 1);
+    assert_eq!(
+        (done[0].name.as_str(), done[0].outcome),
+        ("before.example", Outcome::Answered)
+    );
+    s.c.on_loss_reading(150 * MS, 250 * MS, 7);
+    // Starts after the loss, within the resolver's timeout: may be the retry of a lost try.
+    let b = s.send(300 * MS, 40002, 11, 3, "after.example", QTYPE_A, false);
+    s.answer(301 * MS, 40002, &b, 0, true);
+    let done = s.done(20 * S);
+    s.c.on_loss_reading(250 * MS, 21 * S, 0);
+    let mut done: Vec<Lookup> = done.into_iter().chain(s.c.take_done()).collect();
+    done.sort_by_key(|l| l.start_ns);
+    assert_eq!(done.len(), 2);
+    for l in &done {
+        assert_eq!(l.outcome, Outcome::Incomplete, "{}", l.name);
+        assert_eq!(l.lost_records, 7);
+        assert!(l.queries.iter().all(|q| !q.unanswered));
+        assert!(!l.problem);
+        assert!(
+            l.cause.contains("7 ring-buffer record(s) were lost"),
+            "{}",
+            l.cause
+        );
+    }
+    assert_eq!(s.c.stats.incomplete, 2);
+    assert_eq!(s.c.stats.lost_records, 7);
+}
+
+#[test]
+fn without_the_loss_gate_lookups_are_handed_out_as_before() {
+    let mut s = Stream::new();
+    let a = s.send(0, 40000, 9, 1, "svc.example", QTYPE_A, false);
+    s.answer(MS, 40000, &a, 0, true);
+    assert_eq!(s.done(S).len(), 1);
+}

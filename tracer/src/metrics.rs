@@ -119,13 +119,7 @@ const LATENCY_BUCKETS: [f64; 12] = [
 ];
 
 fn outcome_label(o: LookupOutcome) -> &'static str {
-    match o {
-        LookupOutcome::Answered => "answered",
-        LookupOutcome::Negative => "negative",
-        LookupOutcome::Error => "error",
-        LookupOutcome::Unanswered => "unanswered",
-        LookupOutcome::Shed => "shed",
-    }
+    o.name()
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]

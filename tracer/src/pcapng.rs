@@ -760,6 +760,7 @@ mod tests {
             queries: vec![first, retry],
             cause: "the first try was lost to a SNAT port clash".into(),
             problem: true,
+            lost_records: 0,
         };
 
         let mut unspecified = dns(9000 * MS, 5, "0.0.0.0:1", "0.0.0.0:53", q1.clone());

@@ -35,6 +35,7 @@ pub fn outcome_word(l: &Lookup) -> &'static str {
         Outcome::Error => "error answer",
         Outcome::Unanswered => "unanswered",
         Outcome::Shed => "shed",
+        Outcome::Incomplete => "incomplete (records lost)",
     }
 }
 
@@ -247,6 +248,7 @@ mod tests {
             ],
             cause: "AAAA lost the SNAT port race".into(),
             problem: true,
+            lost_records: 0,
         };
         let text = render(&l, &Clock::fixed(0), Style::default());
         let lines: Vec<&str> = text.lines().collect();

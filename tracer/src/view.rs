@@ -178,14 +178,7 @@ pub struct Summary {
 
 impl Summary {
     pub fn add(&mut self, l: &Lookup) {
-        let outcome = match l.outcome {
-            Outcome::Answered => "answered",
-            Outcome::Negative => "negative",
-            Outcome::Error => "error",
-            Outcome::Unanswered => "unanswered",
-            Outcome::Shed => "shed",
-        };
-        *self.outcomes.entry(outcome).or_default() += 1;
+        *self.outcomes.entry(l.outcome.name()).or_default() += 1;
         let mut key = l.workload.label();
         if !self.pods.contains_key(&key) && self.pods.len() >= MAX_PODS {
             key = "(other)".into();
@@ -221,6 +214,17 @@ impl Summary {
             stats.answers,
             stats.fates,
         );
+        if stats.lost_records > 0 {
+            let _ = writeln!(
+                out,
+                "{}",
+                style.yellow(&format!(
+                    "{} ring-buffer records lost: {} lookups open meanwhile are `incomplete` \
+                     (no verdict drawn from them; see the per-CPU losses below)",
+                    stats.lost_records, stats.incomplete
+                ))
+            );
+        }
         if stats.shed.lookups + stats.shed.fates > 0 {
             let _ = writeln!(
                 out,
@@ -405,6 +409,7 @@ mod tests {
             queries: vec![q],
             cause: "because".into(),
             problem: true,
+            lost_records: 0,
         }
     }
 

@@ -315,6 +315,7 @@ fn retried_lookup() -> Lookup {
         queries: vec![q(0, 1, Some(lost)), q(1_000_000_000, 2, None)],
         cause: String::new(),
         problem: true,
+        lost_records: 0,
     }
 }
 

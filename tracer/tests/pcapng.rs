@@ -173,6 +173,7 @@ fn run_pcap(path: &Path) -> PcapStats {
         queries: vec![first, retry],
         cause: "the first try was lost to a SNAT port clash".into(),
         problem: true,
+        lost_records: 0,
     };
 
     let c0 = Some(pod("client-0"));

@@ -282,6 +282,7 @@ pub(super) fn lookup(l: &Lookup, clock: &Clock) -> String {
         Outcome::Error => "first query → error answer",
         Outcome::Unanswered => "first query → the resolver gave up",
         Outcome::Shed => "first query → closed early",
+        Outcome::Incomplete => "first query → closed, records lost meanwhile",
     };
     let _ = write!(
         out,
