@@ -1079,6 +1079,11 @@ impl Correlator {
         self.confirm();
     }
 
+    /// Finished lookups wait for a loss reading (`loss_gate`).
+    pub fn awaits_loss_reading(&self) -> bool {
+        !self.unconfirmed.is_empty()
+    }
+
     /// The last reading that found ring-buffer losses: (from, to, records).
     pub fn last_loss(&self) -> Option<(u64, u64, u64)> {
         self.last_loss.map(|l| (l.from_ns, l.to_ns, l.records))

@@ -8,7 +8,7 @@
 //! ```text
 //! tracer_events_total{kind}                 counter  (dns_send, dns_recv, nf_drop, ct_clash)
 //! tracer_findings_total{verdict,netns}      counter  (sum of Finding::count)
-//! tracer_lost_events_total                  counter  (ring-buffer losses, all CPUs)
+//! tracer_lost_events_total{cpu}             counter  (ring-buffer losses, per CPU)
 //! tracer_conntrack_stat{netns,field}        gauge    (per-netns totals over CPUs)
 //! tracer_lookups_total{namespace,pod,outcome}           counter (finished DNS lookups)
 //! tracer_lookup_verdicts_total{namespace,pod,verdict}   counter (queries of lookups with a fate)
@@ -18,16 +18,7 @@
 //! tracer_build_info{version}                info     (always 1)
 //! ```
 
-use std::{
-    future::Future,
-    net::SocketAddr,
-    sync::{
-        atomic::{AtomicU64, Ordering},
-        Arc,
-    },
-    thread::JoinHandle,
-    time::Duration,
-};
+use std::{future::Future, net::SocketAddr, sync::Arc, thread::JoinHandle, time::Duration};
 
 use anyhow::Context as _;
 use prometheus_client::{
@@ -67,6 +58,11 @@ pub const CONNTRACK_FIELDS: [&str; 6] = [
 
 /// Event kind label values, in [`Event`] order.
 pub const EVENT_KINDS: [&str; 4] = ["dns_send", "dns_recv", "nf_drop", "ct_clash"];
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CpuLabels {
+    cpu: u32,
+}
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct KindLabels {
@@ -131,9 +127,10 @@ struct Inner {
     registry: Registry,
     events: Family<KindLabels, Counter>,
     findings: Family<FindingLabels, Counter>,
-    lost: Counter,
-    /// The highest loss total passed to [`Metrics::set_lost`], so the counter moves by deltas.
-    lost_seen: AtomicU64,
+    lost: Family<CpuLabels, Counter>,
+    /// The highest loss count per CPU passed to [`Metrics::set_lost`], so the counters move
+    /// by deltas.
+    lost_seen: std::sync::Mutex<Vec<u64>>,
     conntrack: Family<StatLabels, Gauge>,
     lookups: Family<PodOutcomeLabels, Counter>,
     lookup_verdicts: Family<PodVerdictLabels, Counter>,
@@ -175,7 +172,7 @@ impl Metrics {
         let mut registry = Registry::default();
         let events = Family::<KindLabels, Counter>::default();
         let findings = Family::<FindingLabels, Counter>::default();
-        let lost = Counter::default();
+        let lost = Family::<CpuLabels, Counter>::default();
         let conntrack = Family::<StatLabels, Gauge>::default();
         registry.register(
             "tracer_events",
@@ -189,7 +186,7 @@ impl Metrics {
         );
         registry.register(
             "tracer_lost_events",
-            "Events the kernel could not submit to the ring buffer (all CPUs)",
+            "Events the kernel could not submit to the ring buffer, by CPU",
             lost.clone(),
         );
         registry.register(
@@ -248,7 +245,7 @@ impl Metrics {
                 events,
                 findings,
                 lost,
-                lost_seen: AtomicU64::new(0),
+                lost_seen: std::sync::Mutex::new(Vec::new()),
                 conntrack,
                 lookups,
                 lookup_verdicts,
@@ -329,12 +326,27 @@ impl Metrics {
             .observe(l.latency_ns as f64 / 1e9);
     }
 
-    /// Records the ring-buffer loss total (the per-CPU sum, as read from the kernel).
-    /// The counter follows the highest total seen; a lower one (never expected) is ignored.
-    pub fn set_lost(&self, total: u64) {
-        let prev = self.inner.lost_seen.fetch_max(total, Ordering::AcqRel);
-        if total > prev {
-            self.inner.lost.inc_by(total - prev);
+    /// Records the ring-buffer losses per CPU, as read from the kernel (every CPU gets a
+    /// series, 0 included). Each counter follows the highest value seen; a lower one (never
+    /// expected) is ignored.
+    pub fn set_lost(&self, per_cpu: &[u64]) {
+        let mut seen = self
+            .inner
+            .lost_seen
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if seen.len() < per_cpu.len() {
+            seen.resize(per_cpu.len(), 0);
+        }
+        for (cpu, (&now, prev)) in per_cpu.iter().zip(seen.iter_mut()).enumerate() {
+            let c = self
+                .inner
+                .lost
+                .get_or_create(&CpuLabels { cpu: cpu as u32 });
+            if now > *prev {
+                c.inc_by(now - *prev);
+                *prev = now;
+            }
         }
     }
 
@@ -639,7 +651,12 @@ mod tests {
         assert!(!text.contains("tracer_findings"), "{text}");
         assert!(!text.contains("tracer_conntrack_stat"), "{text}");
         assert!(l.contains(&"# TYPE tracer_build info".to_string()));
-        assert!(l.contains(&"tracer_lost_events_total 0".to_string()));
+        // Per-CPU loss series appear with the first reading (`watch` makes it at the start).
+        assert!(!text.contains("tracer_lost_events_total"), "{text}");
+        m.set_lost(&[0, 0]);
+        let l = lines(&m);
+        assert!(l.contains(&"tracer_lost_events_total{cpu=\"0\"} 0".to_string()));
+        assert!(l.contains(&"tracer_lost_events_total{cpu=\"1\"} 0".to_string()));
         assert!(l.contains(&format!(
             "tracer_build_info{{version=\"{}\"}} 1",
             env!("CARGO_PKG_VERSION")
@@ -656,9 +673,9 @@ mod tests {
         m.on_finding(&finding(Verdict::InsertClashDropped, 7, 1));
         m.on_finding(&finding(Verdict::InsertClashDropped, 7, 1));
         m.on_finding(&finding(Verdict::EarlyDrop, 9, 40));
-        m.set_lost(3);
-        m.set_lost(5);
-        m.set_lost(4); // never goes back
+        m.set_lost(&[3, 0]);
+        m.set_lost(&[5, 1]);
+        m.set_lost(&[4, 1]); // never goes back
         m.set_conntrack(
             7,
             &CpuStats {
@@ -686,7 +703,8 @@ mod tests {
         has("tracer_events_total{kind=\"ct_clash\"} 0");
         has("tracer_findings_total{verdict=\"insert-clash-dropped\",netns=\"7\"} 2");
         has("tracer_findings_total{verdict=\"early-drop\",netns=\"9\"} 40");
-        has("tracer_lost_events_total 5");
+        has("tracer_lost_events_total{cpu=\"0\"} 5");
+        has("tracer_lost_events_total{cpu=\"1\"} 1");
         has("tracer_conntrack_stat{netns=\"7\",field=\"insert_failed\"} 3");
         has("tracer_conntrack_stat{netns=\"7\",field=\"drop\"} 2");
         has("tracer_conntrack_stat{netns=\"7\",field=\"found\"} 11");

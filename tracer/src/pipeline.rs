@@ -32,6 +32,8 @@ pub struct Pipeline {
     /// Everything asked of the node besides the events (live, recorded or replayed).
     pub node: Box<dyn Node>,
     pub correlator: Correlator,
+    /// Ring-buffer records lost since the previous counter reading.
+    lost_since_poll: u64,
 }
 
 impl Pipeline {
@@ -41,6 +43,7 @@ impl Pipeline {
             explainer: Explainer::start(node.as_mut()),
             node,
             correlator: Correlator::new(cfg),
+            lost_since_poll: 0,
         }
     }
 
@@ -110,6 +113,20 @@ impl Pipeline {
         self.emit_done(sink)
     }
 
+    /// A reading of the ring buffer's loss counters at `to_ns`: `records` lost since the
+    /// previous reading at `from_ns` (see [`Correlator::on_loss_reading`]).
+    pub fn losses<E>(
+        &mut self,
+        from_ns: u64,
+        to_ns: u64,
+        records: u64,
+        sink: &mut impl FnMut(Item<'_>) -> Result<(), E>,
+    ) -> Result<(), E> {
+        self.lost_since_poll += records;
+        self.correlator.on_loss_reading(from_ns, to_ns, records);
+        self.emit_done(sink)
+    }
+
     /// Reads the counters (findings that drop no packet) and advances the correlator's clock.
     pub fn poll<E>(
         &mut self,
@@ -125,7 +142,15 @@ impl Pipeline {
         last: bool,
         sink: &mut impl FnMut(Item<'_>) -> Result<(), E>,
     ) -> Result<(), E> {
-        for f in self.explainer.poll(self.node.as_mut(), now_ns, last) {
+        let lost = std::mem::take(&mut self.lost_since_poll);
+        for mut f in self.explainer.poll(self.node.as_mut(), now_ns, last) {
+            if lost > 0 && f.packet.is_none() {
+                // The per-packet events this counter finding lacks may be among the lost.
+                f.explanation.push_str(&format!(
+                    " ({lost} ring-buffer records were lost since the previous reading: \
+                     the per-packet events of these may be among them)"
+                ));
+            }
             self.correlator.on_counter_finding(&f);
             sink(Item::Finding {
                 finding: &f,

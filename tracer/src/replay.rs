@@ -454,7 +454,7 @@ impl Replay {
                 ),
             }
         };
-        if header.schema != SCHEMA {
+        if !(1..=SCHEMA).contains(&header.schema) {
             outcome.problems.push(Problem {
                 at: header_at.clone(),
                 severity: Severity::Error,
@@ -511,6 +511,7 @@ impl Replay {
                 Some(Read::Line(at, l)) => match *l {
                     l @ (Line::Record { .. }
                     | Line::Poll { .. }
+                    | Line::Loss { .. }
                     | Line::Finish { .. }
                     | Line::Trace(_)) => {
                         self.pending = Some((at, l));
@@ -618,6 +619,16 @@ impl Replay {
                 Line::Poll { now_ns } => {
                     self.gather();
                     pipeline.poll(now_ns, &mut sink)?;
+                }
+                Line::Loss {
+                    from_ns,
+                    to_ns,
+                    lost_per_cpu,
+                    skipped,
+                } => {
+                    self.gather();
+                    let records = lost_per_cpu.iter().sum::<u64>() + skipped;
+                    pipeline.losses(from_ns, to_ns, records, &mut sink)?;
                 }
                 Line::Finish {
                     now_ns,

@@ -33,7 +33,12 @@ use crate::{
 };
 
 /// The version of the line format; a replay reads this version only (and says so).
-pub const SCHEMA: u32 = 1;
+/// Version 2 added `loss` lines and `lookups.loss_gate`; version 1 traces replay as before.
+pub const SCHEMA: u32 = 2;
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
 
 /// The first line of every segment.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -85,6 +90,16 @@ pub enum Line {
     /// The counters were read and the correlator's clock advanced to `now_ns`.
     Poll {
         now_ns: u64,
+    },
+    /// The ring buffer's loss counters were read at `to_ns` (after the records before this
+    /// line): `lost_per_cpu` lost since the previous reading at `from_ns`.
+    Loss {
+        from_ns: u64,
+        to_ns: u64,
+        lost_per_cpu: Vec<u64>,
+        /// Records read but not processed (at a stop, past its time bound).
+        #[serde(default, skip_serializing_if = "is_zero")]
+        skipped: u64,
     },
     /// The end of the run: the last reading, and what the ring buffer lost.
     Finish {

@@ -189,6 +189,7 @@ pub async fn run(args: WatchArgs) -> anyhow::Result<()> {
     };
     tokio::pin!(deadline);
 
+    let mut losses = Losses::new(&session, &show)?;
     let mut stop = false;
     while !stop {
         tokio::select! {
@@ -200,7 +201,9 @@ pub async fn run(args: WatchArgs) -> anyhow::Result<()> {
                 // (Draining first and clearing after loses the wake-up of a record that
                 // lands in between, and then every later one.)
                 guard.clear_ready();
-                if drain(guard.get_inner_mut(), &mut pipeline, &mut show)? {
+                if drain(guard.get_inner_mut(), &mut pipeline, &mut show)?
+                    || losses.read(&session, &mut pipeline, &mut show, false)?
+                {
                     stop = true;
                 }
             }
@@ -217,17 +220,18 @@ pub async fn run(args: WatchArgs) -> anyhow::Result<()> {
             _ = sweep.tick() => {
                 // A safety net for the wake-ups: whatever is in the ring is read within
                 // SWEEP_EVERY, so a drop is explained while its network namespace exists.
-                if drain(ring.get_mut(), &mut pipeline, &mut show)? {
+                if drain(ring.get_mut(), &mut pipeline, &mut show)?
+                    || losses.read(&session, &mut pipeline, &mut show, false)?
+                {
                     stop = true;
                 }
             }
             _ = poll.tick() => {
                 // Records first, so the counter reading comes after the drops it covers.
-                if drain(ring.get_mut(), &mut pipeline, &mut show)? {
+                if drain(ring.get_mut(), &mut pipeline, &mut show)?
+                    || losses.read(&session, &mut pipeline, &mut show, true)?
+                {
                     stop = true;
-                }
-                if let Some(m) = &show.counts.metrics {
-                    m.set_lost(session.lost_per_cpu()?.iter().sum());
                 }
                 let now = monotonic_ns();
                 if let Some(rec) = show.recorder.as_mut() {
@@ -251,10 +255,20 @@ pub async fn run(args: WatchArgs) -> anyhow::Result<()> {
             _ = &mut deadline => stop = true,
         }
     }
-    // What the kernel wrote before we stopped still counts.
-    let _ = drain(ring.get_mut(), &mut pipeline, &mut show)?;
-    let lost = session.lost_per_cpu()?;
-    let lost_total: u64 = lost.iter().sum();
+    // What the kernel wrote before we stopped still counts, as much of it as can be read
+    // within FINAL_DRAIN; the rest is skipped, counted and treated as lost.
+    let stopped = std::time::Instant::now();
+    let (_, skipped) = drain_until(
+        ring.get_mut(),
+        &mut pipeline,
+        &mut show,
+        Some(stopped + FINAL_DRAIN),
+    )?;
+    losses.skipped = skipped;
+    let _ = losses.read(&session, &mut pipeline, &mut show, true)?;
+    losses.report_burst();
+    let lost = losses.total_per_cpu();
+    let lost_total: u64 = lost.iter().sum::<u64>() + skipped;
     let now = monotonic_ns();
     if let Some(rec) = show.recorder.as_mut() {
         rec.line(&Line::Finish {
@@ -273,7 +287,8 @@ pub async fn run(args: WatchArgs) -> anyhow::Result<()> {
         recorder,
         ..
     } = show;
-    let summary_json = summary_json(counts, &summary, &stats, &lost);
+    let mut summary_json = summary_json(counts, &summary, &stats, &lost);
+    summary_json["unprocessed"] = json!(skipped);
     if let Some(mut rec) = recorder {
         rec.out.note("summary", summary_json.clone())?;
         let path = rec.path();
@@ -282,6 +297,12 @@ pub async fn run(args: WatchArgs) -> anyhow::Result<()> {
         eprintln!("trace written to {}", path.display());
     }
     print_summary(printer, summary_json, &summary, &stats, args.json, style)?;
+    if skipped > 0 {
+        eprintln!(
+            "warning: {skipped} records still queued at the stop were not processed within \
+             {FINAL_DRAIN:?} (counted as lost; the lookups they may belong to are `incomplete`)"
+        );
+    }
     eprintln!(
         "seen {} events ({}), lost {} (per CPU: {}), undecodable {}",
         counts.total(),
@@ -304,6 +325,15 @@ pub async fn run(args: WatchArgs) -> anyhow::Result<()> {
 
 /// How often the ring is read even without a wake-up.
 const SWEEP_EVERY: Duration = Duration::from_millis(50);
+
+/// How long the records still queued at a stop are processed; the rest are counted.
+const FINAL_DRAIN: Duration = Duration::from_millis(1000);
+
+/// The loss counters are read after a drain at most this often (and at every poll).
+const LOSS_READ_EVERY: Duration = Duration::from_millis(10);
+
+/// While losses go on, at most one line a second says so on stderr.
+const LOSS_LINE_EVERY: Duration = Duration::from_secs(1);
 
 /// How often the conntrack counters are read for findings that drop no packet.
 const POLL_EVERY: Duration = Duration::from_secs(1);
@@ -361,6 +391,8 @@ pub(crate) fn print_summary<W: Write>(
 fn lookup_config() -> lookups::Config {
     lookups::Config {
         hold_ns: HOLD.as_nanos() as u64,
+        // Every drain is followed by a reading of the loss counters (`Losses`).
+        loss_gate: true,
         ..lookups::Config::default()
     }
 }
@@ -550,7 +582,32 @@ fn drain<W: Write>(
     pipeline: &mut Pipeline,
     show: &mut Show<'_, W>,
 ) -> anyhow::Result<bool> {
-    while let Some(item) = ring.next() {
+    drain_until(ring, pipeline, show, None).map(|(gone, _)| gone)
+}
+
+/// Reads every pending record; past `deadline` the rest are only counted (returned second).
+fn drain_until<W: Write>(
+    ring: &mut RingBuf<MapData>,
+    pipeline: &mut Pipeline,
+    show: &mut Show<'_, W>,
+    deadline: Option<std::time::Instant>,
+) -> anyhow::Result<(bool, u64)> {
+    let mut n: u64 = 0;
+    loop {
+        n += 1;
+        if n % 256 == 0 && deadline.is_some_and(|d| std::time::Instant::now() >= d) {
+            let mut skipped = 0;
+            // Bounded: the programs are still attached, so stop after more than one ring
+            // can hold.
+            while skipped < MAX_SKIP && ring.next().is_some() {
+                skipped += 1;
+            }
+            if let Some(rec) = show.recorder.as_mut() {
+                rec.settle(pipeline, true)?;
+            }
+            return Ok((quiet_stop(show.printer.flush())?, skipped));
+        }
+        let Some(item) = ring.next() else { break };
         if let Some(rec) = show.recorder.as_mut() {
             rec.record(&item);
         }
@@ -563,11 +620,127 @@ fn drain<W: Write>(
             rec.settle(pipeline, false)?;
         }
         if quiet_stop(r)? {
-            return Ok(true);
+            return Ok((true, 0));
         }
     }
     if let Some(rec) = show.recorder.as_mut() {
         rec.settle(pipeline, true)?;
     }
-    quiet_stop(show.printer.flush())
+    Ok((quiet_stop(show.printer.flush())?, 0))
+}
+
+/// At most this many records are skipped at a stop (more than the largest ring holds).
+const MAX_SKIP: u64 = 1 << 24;
+
+/// Reads the ring buffer's loss counters, hands each reading to the pipeline (which marks
+/// the lookups of the window `incomplete` and hands out the ones the reading clears),
+/// records it in the trace, exports it per CPU, and says on stderr when records are lost.
+struct Losses {
+    per_cpu: Vec<u64>,
+    at_ns: u64,
+    last_read: std::time::Instant,
+    /// Records lost since the last stderr line, and when that line was printed.
+    unreported: u64,
+    reported_at: Option<std::time::Instant>,
+    /// Records read but not processed at a stop, for the next reading.
+    skipped: u64,
+}
+
+impl Losses {
+    fn new<W: Write>(session: &Session, show: &Show<'_, W>) -> anyhow::Result<Losses> {
+        let at_ns = monotonic_ns();
+        let per_cpu = session.lost_per_cpu()?;
+        if let Some(m) = &show.counts.metrics {
+            m.set_lost(&per_cpu);
+        }
+        Ok(Losses {
+            per_cpu,
+            at_ns,
+            last_read: std::time::Instant::now(),
+            unreported: 0,
+            reported_at: None,
+            skipped: 0,
+        })
+    }
+
+    /// A reading (at most every LOSS_READ_EVERY unless `now`). Returns `true` when stdout
+    /// is gone.
+    fn read<W: Write>(
+        &mut self,
+        session: &Session,
+        pipeline: &mut Pipeline,
+        show: &mut Show<'_, W>,
+        now: bool,
+    ) -> anyhow::Result<bool> {
+        if !now && self.last_read.elapsed() < LOSS_READ_EVERY {
+            return Ok(false);
+        }
+        self.last_read = std::time::Instant::now();
+        // The time first: every loss before it is in the counters read next.
+        let to_ns = monotonic_ns();
+        let cur = session.lost_per_cpu()?;
+        let delta: Vec<u64> = cur
+            .iter()
+            .enumerate()
+            .map(|(i, v)| v.saturating_sub(self.per_cpu.get(i).copied().unwrap_or(0)))
+            .collect();
+        let skipped = std::mem::take(&mut self.skipped);
+        let records: u64 = delta.iter().sum::<u64>() + skipped;
+        let from_ns = self.at_ns;
+        self.per_cpu = cur;
+        self.at_ns = to_ns;
+        if let Some(m) = &show.counts.metrics {
+            m.set_lost(&self.per_cpu);
+        }
+        if records > 0 {
+            self.unreported += records;
+            if self
+                .reported_at
+                .is_none_or(|t| t.elapsed() >= LOSS_LINE_EVERY)
+            {
+                self.report_burst();
+            }
+        }
+        // A reading changes the correlator only when it found losses or lookups wait for
+        // one; only those are recorded, and a replay makes the same calls.
+        if records == 0 && !pipeline.correlator.awaits_loss_reading() {
+            return Ok(false);
+        }
+        if let Some(rec) = show.recorder.as_mut() {
+            rec.line(&Line::Loss {
+                from_ns,
+                to_ns,
+                lost_per_cpu: delta,
+                skipped,
+            });
+        }
+        let r = pipeline.losses(from_ns, to_ns, records, &mut |item| show.item(item));
+        quiet_stop(r)
+    }
+
+    /// Says on stderr how many records were lost since the last line.
+    fn report_burst(&mut self) {
+        if self.unreported == 0 {
+            return;
+        }
+        let per_cpu = self
+            .per_cpu
+            .iter()
+            .enumerate()
+            .filter(|(_, v)| **v > 0)
+            .map(|(c, v)| format!("cpu{c} {v}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        eprintln!(
+            "warning: the ring buffer was full: {} records lost (so far per CPU: {per_cpu}); \
+             lookups open meanwhile are reported `incomplete`, not unanswered",
+            self.unreported
+        );
+        self.unreported = 0;
+        self.reported_at = Some(std::time::Instant::now());
+    }
+
+    fn total_per_cpu(&self) -> Vec<u64> {
+        self.per_cpu.clone()
+    }
 }

@@ -652,7 +652,7 @@ fn watch_metrics_count_the_findings_a_lab_run_provokes() {
         "{body}"
     );
     assert_eq!(
-        sample(&body, "tracer_lost_events_total", &[]),
+        sample(&body, "tracer_lost_events_total", &[("cpu", "0")]),
         Some(0.0),
         "{body}"
     );

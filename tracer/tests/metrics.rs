@@ -520,7 +520,7 @@ fn scrape_equals_what_was_fed() {
     m.on_finding(&finding(Verdict::InsertClashResolved, 11, 17));
     m.on_finding(&finding(Verdict::EarlyDrop, 12, 1000));
     m.on_finding(&finding(Verdict::Unexplained, 4026531840, 5));
-    m.set_lost(7);
+    m.set_lost(&[7, 0]);
     m.set_conntrack(11, &stats(100));
     m.set_conntrack(12, &stats(0));
     m.set_conntrack(12, &stats(200)); // the latest value wins
@@ -590,7 +590,8 @@ fn scrape_equals_what_was_fed() {
             v,
         );
     }
-    put("tracer_lost_events_total", &[], 7.0);
+    put("tracer_lost_events_total", &[("cpu", "0")], 7.0);
+    put("tracer_lost_events_total", &[("cpu", "1")], 0.0);
     for (netns, seed) in [("11", 100.0), ("12", 200.0)] {
         for (field, off) in [
             ("found", 0.0),
@@ -655,8 +656,8 @@ fn scrape_equals_what_was_fed() {
     // Later updates show in the next scrape; losses only move forward.
     m.on_event(&Event::DnsSend(dns(11)));
     m.on_finding(&finding(Verdict::InsertClashDropped, 11, 3));
-    m.set_lost(9);
-    m.set_lost(8);
+    m.set_lost(&[9, 2]);
+    m.set_lost(&[8, 2]);
     let e2 = scrape(addr);
     assert_eq!(
         e2.samples[&(
@@ -673,8 +674,12 @@ fn scrape_equals_what_was_fed() {
         5.0
     );
     assert_eq!(
-        e2.samples[&("tracer_lost_events_total".into(), Labels::new())],
+        e2.samples[&("tracer_lost_events_total".into(), labels(&[("cpu", "0")]))],
         9.0
+    );
+    assert_eq!(
+        e2.samples[&("tracer_lost_events_total".into(), labels(&[("cpu", "1")]))],
+        2.0
     );
     server.stop().unwrap();
 }

@@ -123,6 +123,8 @@ impl Collector {
                 };
                 let mut next_poll = Instant::now() + POLL_EVERY;
                 let mut decode_errors = 0;
+                let (mut loss_at, mut lost_seen) =
+                    (monotonic_ns(), session.lost_per_cpu()?.iter().sum::<u64>());
                 loop {
                     // Read the flag before draining, so everything submitted before stop is read.
                     let stopping = stop2.load(Ordering::Acquire);
@@ -132,6 +134,13 @@ impl Collector {
                             decode_errors += 1;
                         }
                     }
+                    // Lookups open while records were lost are `incomplete`, as in `watch`.
+                    let to_ns = monotonic_ns();
+                    let lost: u64 = session.lost_per_cpu()?.iter().sum();
+                    if lost > lost_seen || pipeline.correlator.awaits_loss_reading() {
+                        let Ok(()) = pipeline.losses(loss_at, to_ns, lost - lost_seen, &mut sink);
+                    }
+                    (loss_at, lost_seen) = (to_ns, lost);
                     if stopping {
                         break;
                     }
