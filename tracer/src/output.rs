@@ -6,12 +6,14 @@ use std::{
     time::{Duration, SystemTime},
 };
 
+use serde::Serialize;
 use serde_json::{json, Value};
 
 use crate::{
     dns,
     events::{Event, FiveTuple},
     kallsyms::Symbols,
+    pods::Workload,
     verdict::Finding,
 };
 
@@ -170,6 +172,32 @@ pub struct Printer<W: Write> {
     pub(crate) clock: Clock,
     symbols: Symbols,
     pub(crate) style: Style,
+    /// Each pod's JSON, made once: the same few pods are in most event lines.
+    workloads: WorkloadJson,
+}
+
+/// Serialized workloads by address, each checked against its content on use (an address
+/// can be reused once a workload is freed). Bounded: cleared when full.
+#[derive(Default)]
+struct WorkloadJson {
+    by_addr: std::collections::HashMap<usize, (Workload, Box<serde_json::value::RawValue>)>,
+}
+
+impl WorkloadJson {
+    const MAX: usize = 4096;
+
+    fn get(&mut self, w: &Workload) -> Option<&serde_json::value::RawValue> {
+        let addr = std::ptr::from_ref(w) as usize;
+        let fresh = self.by_addr.get(&addr).is_none_or(|(c, _)| c != w);
+        if fresh {
+            let raw = serde_json::value::to_raw_value(w).ok()?;
+            if self.by_addr.len() >= Self::MAX {
+                self.by_addr.clear();
+            }
+            self.by_addr.insert(addr, (w.clone(), raw));
+        }
+        self.by_addr.get(&addr).map(|(_, raw)| &**raw)
+    }
 }
 
 /// ANSI colour, on a terminal only.
@@ -211,6 +239,7 @@ impl<W: Write> Printer<W> {
             clock,
             symbols,
             style: Style::default(),
+            workloads: WorkloadJson::default(),
         }
     }
 
@@ -224,6 +253,38 @@ impl<W: Write> Printer<W> {
         self.json
     }
 
+}
+
+/// An event as one JSON object: the event's own fields (`type` first), then what the
+/// printer adds. Borrowed, and written without building a `serde_json::Value`.
+#[derive(Serialize)]
+struct EventLine<'a> {
+    #[serde(flatten)]
+    ev: &'a Event,
+    time: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    dns: Option<dns::Message>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    dns_error: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    location_sym: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ct_status_names: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    workload: Option<&'a serde_json::value::RawValue>,
+}
+
+/// A finished lookup as one JSON object (`type` first).
+#[derive(Serialize)]
+pub(crate) struct LookupLine<'a> {
+    #[serde(rename = "type")]
+    pub(crate) kind: &'static str,
+    #[serde(flatten)]
+    pub(crate) lookup: &'a crate::lookups::Lookup,
+    pub(crate) time: String,
+}
+
+impl<W: Write> Printer<W> {
     /// Text as it is (text mode only).
     pub fn raw(&mut self, text: &str) -> io::Result<()> {
         self.out.write_all(text.as_bytes())
@@ -231,9 +292,7 @@ impl<W: Write> Printer<W> {
 
     pub fn event(&mut self, ev: &Event) -> io::Result<()> {
         if self.json {
-            let v = self.json_value(ev);
-            serde_json::to_writer(&mut self.out, &v)?;
-            self.out.write_all(b"\n")
+            self.write_event_json(ev, None)
         } else {
             let line = self.text(ev);
             writeln!(self.out, "{line}")
@@ -317,39 +376,35 @@ impl<W: Write> Printer<W> {
         self.out.flush()
     }
 
-    pub fn json_value(&mut self, ev: &Event) -> Value {
-        let mut v = serde_json::to_value(ev).unwrap_or(Value::Null);
+    /// One JSON line for `ev` (and the pod that sent or received it), serialized straight
+    /// to the output: this runs for every event of a busy node.
+    pub(crate) fn write_event_json(&mut self, ev: &Event, workload: Option<&Workload>) -> io::Result<()> {
         let time = humantime::format_rfc3339_nanos(self.clock.wall(ev.ts_ns())).to_string();
-        if let Value::Object(m) = &mut v {
-            m.insert("time".into(), json!(time));
-            match ev {
-                Event::DnsSend(d) | Event::DnsRecv(d) => {
-                    match dns::parse(&d.payload, d.payload_len as usize) {
-                        Ok(msg) => {
-                            m.insert(
-                                "dns".into(),
-                                serde_json::to_value(msg).unwrap_or(Value::Null),
-                            );
-                        }
-                        Err(e) => {
-                            m.insert("dns_error".into(), json!(e.to_string()));
-                        }
-                    }
-                }
-                Event::NfDrop(n) | Event::CtClash(n) => {
-                    if n.location != 0 {
-                        m.insert(
-                            "location_sym".into(),
-                            json!(self.symbols.resolve(n.location)),
-                        );
-                    }
-                    if let Some(ct) = &n.conntrack {
-                        m.insert("ct_status_names".into(), json!(ct_status_names(ct.status)));
-                    }
+        let mut line = EventLine {
+            ev,
+            time,
+            dns: None,
+            dns_error: None,
+            location_sym: None,
+            ct_status_names: None,
+            workload: workload.and_then(|w| self.workloads.get(w)),
+        };
+        match ev {
+            Event::DnsSend(d) | Event::DnsRecv(d) => {
+                match dns::parse(&d.payload, d.payload_len as usize) {
+                    Ok(msg) => line.dns = Some(msg),
+                    Err(e) => line.dns_error = Some(e.to_string()),
                 }
             }
+            Event::NfDrop(n) | Event::CtClash(n) => {
+                if n.location != 0 {
+                    line.location_sym = Some(self.symbols.resolve(n.location));
+                }
+                line.ct_status_names = n.conntrack.as_ref().map(|ct| ct_status_names(ct.status));
+            }
         }
-        v
+        serde_json::to_writer(&mut self.out, &line)?;
+        self.out.write_all(b"\n")
     }
 
     pub fn text(&mut self, ev: &Event) -> String {

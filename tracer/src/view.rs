@@ -8,7 +8,7 @@ use std::{
 };
 
 use serde::Serialize;
-use serde_json::{json, Value};
+use serde_json::Value;
 
 use crate::{
     dns,
@@ -275,15 +275,7 @@ impl<W: Write> Printer<W> {
     /// An event with the pod or host that sent or received it.
     pub fn event_of(&mut self, ev: &Event, w: Option<&Workload>) -> io::Result<()> {
         if self.json {
-            let mut v = self.json_value(ev);
-            if let (Value::Object(m), Some(w)) = (&mut v, w) {
-                m.insert(
-                    "workload".into(),
-                    serde_json::to_value(w).unwrap_or(Value::Null),
-                );
-            }
-            serde_json::to_writer(&mut self.out, &v)?;
-            self.out.write_all(b"\n")
+            self.write_event_json(ev, w)
         } else {
             let line = self.text(ev);
             match w {
@@ -304,13 +296,12 @@ impl<W: Write> Printer<W> {
     /// A finished lookup: its timeline (text), or one JSON object.
     pub fn lookup(&mut self, l: &Lookup) -> io::Result<()> {
         if self.json {
-            let mut v = serde_json::to_value(l).unwrap_or(Value::Null);
-            if let Value::Object(m) = &mut v {
-                m.insert("type".into(), json!("lookup"));
-                let time = humantime::format_rfc3339_nanos(self.clock.wall(l.start_ns)).to_string();
-                m.insert("time".into(), json!(time));
-            }
-            serde_json::to_writer(&mut self.out, &v)?;
+            let line = crate::output::LookupLine {
+                kind: "lookup",
+                lookup: l,
+                time: humantime::format_rfc3339_nanos(self.clock.wall(l.start_ns)).to_string(),
+            };
+            serde_json::to_writer(&mut self.out, &line)?;
             self.out.write_all(b"\n")
         } else if l.problem {
             let text = timeline::render(l, &self.clock, self.style);
