@@ -224,6 +224,8 @@ pub(crate) fn pods_by_label(lookups: &[Lookup]) -> Vec<PodView<'_>> {
         match l.outcome {
             Outcome::Answered => p.answered += 1,
             Outcome::Negative => p.negative += 1,
+            // Not a failure of the network: the tracer lost records in its window.
+            Outcome::Incomplete => {}
             _ => p.failed += 1,
         }
         p.problems += l.problem as u64;
@@ -342,6 +344,20 @@ fn overview(out: &mut String, page: &Page, pods: &[PodView], node: usize) {
         "failed (no answer, error)",
         failed > 0,
     );
+    let incomplete = page
+        .lookups
+        .iter()
+        .filter(|l| l.outcome == Outcome::Incomplete)
+        .count();
+    if incomplete > 0 {
+        card(
+            out,
+            "incomplete",
+            incomplete.to_string(),
+            "incomplete: the tracer lost records while they were open (no verdict drawn)",
+            true,
+        );
+    }
     card(
         out,
         "lost",
@@ -786,7 +802,7 @@ td.bad{color:var(--bad);font-weight:600}
 tr.problem td:first-child{box-shadow:inset 3px 0 var(--bad)}
 .chip{display:inline-block;border-radius:9px;padding:0 7px;margin:1px 0;font-size:12px;line-height:18px;color:#fff;background:var(--c);white-space:nowrap}
 .badge{display:inline-block;border-radius:4px;padding:0 6px;font-size:12px;line-height:18px;border:1px solid currentColor}
-.o-answered{color:var(--ok)}.o-negative{color:#496a81}.o-error{color:var(--warn)}.o-unanswered,.o-shed{color:var(--bad)}
+.o-answered{color:var(--ok)}.o-negative{color:#496a81}.o-error{color:var(--warn)}.o-unanswered,.o-shed{color:var(--bad)}.o-incomplete{color:var(--warn)}
 .lat{font-weight:600;font-variant-numeric:tabular-nums}.lat.slow{color:var(--bad)}
 ul.legend{display:flex;flex-wrap:wrap;gap:6px 22px;list-style:none;padding:0;margin:8px 0;font-size:13px}
 ul.legend li{display:flex;align-items:center;gap:6px}

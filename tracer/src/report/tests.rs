@@ -580,3 +580,33 @@ fn the_perfetto_trace_is_valid_trace_event_json() {
         ["insert-clash-resolved ×2", "table-full", "early-drop ×5"]
     );
 }
+
+#[test]
+fn incomplete_lookups_are_counted_apart_from_failures() {
+    let mut r = run();
+    let healthy = r
+        .lookups
+        .iter()
+        .position(|l| !l.problem && l.outcome == Outcome::Answered)
+        .expect("a healthy lookup in the fixture");
+    let before = html(&page(&r));
+    let failed_before = text_of_card(&before, "failed");
+    assert!(!before.contains("id=\"card-incomplete\""));
+    let l = &mut r.lookups[healthy];
+    l.outcome = Outcome::Incomplete;
+    l.lost_records = 12;
+    let after = html(&page(&r));
+    assert_eq!(text_of_card(&after, "incomplete"), "1");
+    assert_eq!(text_of_card(&after, "failed"), failed_before);
+    assert!(after.contains("data-outcome=\"incomplete\""));
+}
+
+/// The number on an overview card.
+fn text_of_card(html: &str, id: &str) -> String {
+    let at = html
+        .find(&format!("id=\"card-{id}\"><b>"))
+        .unwrap_or_else(|| panic!("no card {id}"));
+    let start = at + html[at..].find("<b>").unwrap() + 3;
+    let end = start + html[start..].find("</b>").unwrap();
+    html[start..end].to_string()
+}
