@@ -1325,7 +1325,7 @@ fn main() {
                 Some("decode") => Stage::Decode,
                 Some("enrich") => Stage::Enrich,
                 Some("full") => Stage::Full,
-            Some("json") => Stage::Json,
+                Some("json") => Stage::Json,
                 s => panic!("--stage: decode, enrich or full, not {s:?}"),
             }),
             "throughput" | "memory" | "memory-run" if mode.is_none() => mode = Some(a),

@@ -252,7 +252,6 @@ impl<W: Write> Printer<W> {
     pub fn is_json(&self) -> bool {
         self.json
     }
-
 }
 
 /// An event as one JSON object: the event's own fields (`type` first), then what the
@@ -378,7 +377,11 @@ impl<W: Write> Printer<W> {
 
     /// One JSON line for `ev` (and the pod that sent or received it), serialized straight
     /// to the output: this runs for every event of a busy node.
-    pub(crate) fn write_event_json(&mut self, ev: &Event, workload: Option<&Workload>) -> io::Result<()> {
+    pub(crate) fn write_event_json(
+        &mut self,
+        ev: &Event,
+        workload: Option<&Workload>,
+    ) -> io::Result<()> {
         let time = humantime::format_rfc3339_nanos(self.clock.wall(ev.ts_ns())).to_string();
         let mut line = EventLine {
             ev,
