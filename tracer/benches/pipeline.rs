@@ -1009,14 +1009,25 @@ struct Opts {
     rest: Vec<String>,
 }
 
+/// Every shape: the lookups spread over 500 pods, then all of them from one process (one
+/// busy client, e.g. CoreDNS forwarding upstream); only the one `--pods` names, if given.
 fn throughput(o: &Opts) {
+    match o.pods {
+        Some(n) => throughput_of(o, n),
+        None => {
+            throughput_of(o, PODS);
+            throughput_of(o, 1);
+        }
+    }
+}
+
+fn throughput_of(o: &Opts, senders: usize) {
     let online = traffic::allowed_cpus().len();
     let cpu = pin();
     let node = FakeNode::new();
     let rate = o.rate.unwrap_or(10_000);
     let seconds = o.seconds.unwrap_or(10);
     let t = Instant::now();
-    let senders = o.pods.unwrap_or(PODS);
     let recs = Records::generate(&node, Mix::realistic(rate), seconds, senders);
     let n = recs.spans.len() as f64;
     println!(
