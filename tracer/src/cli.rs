@@ -49,6 +49,10 @@ pub enum Command {
     /// cgroup (see `lab::client`); prints one JSON report.
     #[command(hide = true)]
     LabClient(LabClientCmd),
+    /// Internal: the namespaces, DNS responder and generators of `cargo xtask bench-load`
+    /// (see `lab::load`).
+    #[command(hide = true)]
+    LoadGen(lab::load::LoadGenCmd),
 }
 
 #[derive(Debug, Args)]

@@ -28,6 +28,7 @@ fn main() -> ExitCode {
             other => other.map(drop),
         },
         Command::LabClient(cmd) => tracer::lab::client::run_child(cmd.request()),
+        Command::LoadGen(cmd) => tracer::lab::load::run(cmd),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -5,6 +5,7 @@
 pub mod client;
 pub mod collect;
 pub mod kubepods;
+pub mod load;
 pub mod topology;
 
 use std::{
