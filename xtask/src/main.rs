@@ -1,9 +1,11 @@
 //! Project automation: `cargo xtask <verb>` (alias in `.cargo/config.toml`).
 //!
 //! Verbs: `setup` (toolchain, tools, mounts; idempotent), `test`, `lint`, `watch`,
-//! `bench-filter`, `bench-pipeline`, `fuzz-dns`.
+//! `bench-filter`, `bench-pipeline`, `bench-load`, `fuzz-dns`.
 
 mod bench;
+mod bench_load;
+mod bench_load_report;
 mod bench_pipeline;
 mod fuzz;
 mod guest;
@@ -72,6 +74,30 @@ enum Verb {
         #[arg(long, default_value_t = 12, value_parser = clap::value_parser!(u32).range(1..=100))]
         rounds: u32,
     },
+    /// Measure `tracer watch --json` under real DNS load: queries through real conntrack in
+    /// throwaway network namespaces at set rates (one process with 64 sockets, or 200 pods
+    /// doing glibc-style lookups), each rate detached then attached; per row the load's
+    /// truth, the tracer's records, losses and lookups, its CPU and memory, and the
+    /// attached/detached ratio of the achieved rate (root).
+    BenchLoad {
+        /// Total query rates to run, queries/s.
+        #[arg(long, value_delimiter = ',', default_value = "10000,50000,100000",
+              value_parser = parse_rate)]
+        rates: Vec<u32>,
+        /// Length of each window, in seconds.
+        #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u32).range(1..=300))]
+        seconds: u32,
+        /// The generators' shape.
+        #[arg(long, default_value = "both",
+              value_parser = clap::builder::PossibleValuesParser::new(["one-process", "pods", "both"]))]
+        shape: String,
+        /// Pods of the pods shape (each its own network namespace and cgroup).
+        #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u32).range(1..=250))]
+        pods: u32,
+        /// Also print one JSON line per row.
+        #[arg(long)]
+        json: bool,
+    },
     /// Measure the userspace event path on one core: decode, pod enrichment and lookup
     /// correlation throughput, then resident memory at 50k lookups/s and under hostile
     /// streams. Arguments after `--` go to the bench (`--runs N`, `--seconds S`, `--rate R`).
@@ -114,6 +140,13 @@ fn parse_seconds(s: &str) -> Result<f64, String> {
     }
 }
 
+fn parse_rate(s: &str) -> Result<u32, String> {
+    match s.parse::<u32>() {
+        Ok(v) if (1..=200_000).contains(&v) => Ok(v),
+        _ => Err(format!("'{s}': expected queries/s from 1 to 200000")),
+    }
+}
+
 fn main() -> ExitCode {
     let verb = Cli::parse().verb;
     if std::env::var_os("CARGO").is_some_and(|c| c == "/usr/bin/cargo") {
@@ -141,6 +174,25 @@ fn main() -> ExitCode {
         Verb::Demo { args } => watch::demo(&ws, &args),
         Verb::BenchFilter { seconds, rounds } => bench::run(&ws, &bench::Args { seconds, rounds }),
         Verb::BenchPipeline { args } => bench_pipeline::run(&ws, &args),
+        Verb::BenchLoad {
+            rates,
+            seconds,
+            shape,
+            pods,
+            json,
+        } => bench_load::run(
+            &ws,
+            &bench_load::Args {
+                rates,
+                seconds,
+                shapes: bench_load::SHAPES
+                    .into_iter()
+                    .filter(|s| shape == "both" || shape == *s)
+                    .collect(),
+                pods,
+                json,
+            },
+        ),
         Verb::VmTest(args) => vm::run(&ws, &args),
         Verb::Parity => parity::run(&ws),
         Verb::FuzzDns { minutes, target } => fuzz::run(
