@@ -117,7 +117,7 @@ pub struct PodReport {
     pub max_lag_ms: f64,
     /// How long after the start instant the pod was ready, in ms (0: in time).
     pub started_late_ms: f64,
-    /// From the start instant to the last lookup's end, in seconds.
+    /// From the start instant to the last lookup's end, at most the window, in seconds.
     pub window_s: f64,
     /// Lookup latency: first send to the last answer.
     pub latency: LatencySummary,
@@ -292,7 +292,9 @@ pub fn run(a: &PodArgs) -> Result<()> {
         }
         r.outcomes.add(&o);
     }
-    r.window_s = mono_ns().saturating_sub(start_ns) as f64 / 1e9;
+    // The sending window, as for the one-process generator: the answers of the last
+    // lookups may come after it.
+    r.window_s = (mono_ns().saturating_sub(start_ns) as f64 / 1e9).min(f64::from(a.seconds));
     r.latency = latencies.summary();
     r.rcvbuf_errors = wire::udp_rcvbuf_errors()
         .zip(rcvbuf_before)
