@@ -10,11 +10,15 @@
 use core::mem::size_of;
 
 /// Bumped whenever a record layout or a tag's meaning changes.
-pub const ABI_VERSION: u32 = 1;
+pub const ABI_VERSION: u32 = 2;
 
 pub const COMM_LEN: usize = 16;
 /// Bytes of UDP payload captured for DNS sends and receives.
 pub const DNS_PAYLOAD_CAP: usize = 512;
+/// Payload capacity of the small DNS record ([`DnsPacketSmall`]), used when the whole UDP
+/// payload fits: a glibc or musl query and a one-record answer do (docs/design.md, "Loss
+/// accounting"). A power of two, like [`DNS_PAYLOAD_CAP`] (the kernel's bounds need it).
+pub const DNS_PAYLOAD_SMALL: usize = 128;
 /// Bytes of transport payload captured for netfilter drops.
 pub const DROP_PAYLOAD_CAP: usize = 64;
 
@@ -126,15 +130,20 @@ pub struct Task {
 }
 const _: () = assert!(size_of::<Task>() == 40);
 
-/// `DnsPacket::flags`: the send was part of a `sendmmsg(2)` batch.
+/// `DnsPacketOf::flags`: the send was part of a `sendmmsg(2)` batch.
 pub const DNS_FLAG_BATCH: u32 = 1 << 0;
-/// `DnsPacket::flags`: the task fields are not the packet's owner (softirq context).
+/// `DnsPacketOf::flags`: the task fields are not the packet's owner (softirq context).
 pub const DNS_FLAG_NO_TASK: u32 = 1 << 1;
 
-/// A UDP datagram to (send) or from (receive) one of the configured ports.
+/// A UDP datagram to (send) or from (receive) one of the configured ports, with room for
+/// `N` bytes of its payload. Two sizes exist, [`DnsPacket`] (the full capture) and
+/// [`DnsPacketSmall`]: the kernel reserves the small one when the whole payload fits it, so a
+/// typical query or one-record answer takes 256 bytes of the ring instead of 640. Both share
+/// the same head (every field before `payload`, [`DNS_HEAD_LEN`] bytes); a record's length
+/// says which one it is.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
-pub struct DnsPacket {
+pub struct DnsPacketOf<const N: usize> {
     pub header: Header,
     pub task: Task,
     /// Source and destination as on the wire (receive: the server is `saddr`).
@@ -151,9 +160,38 @@ pub struct DnsPacket {
     /// Bytes of `payload` that are valid.
     pub cap_len: u32,
     pub _pad: u32,
-    pub payload: [u8; DNS_PAYLOAD_CAP],
+    pub payload: [u8; N],
 }
+
+/// The full DNS record: up to [`DNS_PAYLOAD_CAP`] bytes of payload.
+pub type DnsPacket = DnsPacketOf<DNS_PAYLOAD_CAP>;
+/// The small DNS record, for a payload of at most [`DNS_PAYLOAD_SMALL`] bytes.
+pub type DnsPacketSmall = DnsPacketOf<DNS_PAYLOAD_SMALL>;
+
+/// Bytes of a DNS record before its payload (the same for every capacity).
+pub const DNS_HEAD_LEN: usize = 128;
 const _: () = assert!(size_of::<DnsPacket>() == 640);
+const _: () = assert!(size_of::<DnsPacketSmall>() == 256);
+const _: () = assert!(core::mem::offset_of!(DnsPacket, payload) == DNS_HEAD_LEN);
+const _: () = assert!(core::mem::offset_of!(DnsPacketSmall, payload) == DNS_HEAD_LEN);
+const _: () = assert!(
+    core::mem::offset_of!(DnsPacket, cap_len) == core::mem::offset_of!(DnsPacketSmall, cap_len)
+);
+// Ring-buffer records are 8-byte aligned: no hidden tail padding in either size.
+const _: () = assert!(DNS_HEAD_LEN.is_multiple_of(8) && DNS_PAYLOAD_CAP.is_multiple_of(8));
+const _: () = assert!(DNS_PAYLOAD_SMALL.is_multiple_of(8) && DNS_PAYLOAD_SMALL < DNS_PAYLOAD_CAP);
+
+/// The payload capacity of a DNS record `len` bytes long, or `None` when no DNS record has
+/// that length.
+pub const fn dns_payload_cap(len: usize) -> Option<usize> {
+    if len == size_of::<DnsPacketSmall>() {
+        Some(DNS_PAYLOAD_SMALL)
+    } else if len == size_of::<DnsPacket>() {
+        Some(DNS_PAYLOAD_CAP)
+    } else {
+        None
+    }
+}
 
 /// `NfEvent::ct_flags`: the skb carried a conntrack entry.
 pub const CT_FLAG_PRESENT: u32 = 1 << 0;
