@@ -7,8 +7,9 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 use tracer_common::{
-    DnsPacket, EventKind, Header, NfEvent, SourceId, Task, Tuple, AF_INET, AF_INET6, CT_FLAG_OTHER,
-    CT_FLAG_PRESENT, DNS_FLAG_BATCH, DNS_FLAG_NO_TASK, DNS_PAYLOAD_CAP, DROP_PAYLOAD_CAP,
+    DnsPacket, DnsPacketOf, DnsPacketSmall, EventKind, Header, NfEvent, SourceId, Task, Tuple,
+    AF_INET, AF_INET6, CT_FLAG_OTHER, CT_FLAG_PRESENT, DNS_FLAG_BATCH, DNS_FLAG_NO_TASK,
+    DNS_PAYLOAD_CAP, DNS_PAYLOAD_SMALL, DROP_PAYLOAD_CAP,
 };
 
 /// Why a record could not be decoded.
@@ -26,7 +27,20 @@ pub enum DecodeError {
     UnknownSource(u16),
     #[error("captured length {cap_len} exceeds the {cap} bytes a record holds")]
     BadCapLen { cap_len: u32, cap: usize },
+    #[error("record of {got} bytes is no {what} (those are {sizes} bytes long)")]
+    BadSize {
+        what: &'static str,
+        got: usize,
+        sizes: &'static str,
+    },
 }
+
+/// The lengths a DNS record can have, for [`DecodeError::BadSize`].
+const DNS_SIZES: &str = "256 or 640";
+const _: () = assert!(
+    size_of::<DnsPacketSmall>() == 256 && size_of::<DnsPacket>() == 640,
+    "update DNS_SIZES"
+);
 
 /// Reads a `T` from the start of `bytes` (any alignment).
 fn read<T: Copy>(bytes: &[u8], what: &'static str) -> Result<T, DecodeError> {
@@ -203,21 +217,27 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
     let source = source_name(source);
     match kind {
         EventKind::DnsSend | EventKind::DnsRecv => {
-            let r: DnsPacket = read(bytes, "DNS packet record")?;
-            let ev = DnsEvent {
-                ts_ns: h.ts_ns,
-                source,
-                task: task(&r.task, r.flags & DNS_FLAG_NO_TASK == 0),
-                sock_cookie: r.sock_cookie,
-                tuple: tuple(&r.tuple).unwrap_or(FiveTuple {
-                    proto: r.tuple.proto,
-                    src: SocketAddr::from(([0, 0, 0, 0], r.tuple.sport)),
-                    dst: SocketAddr::from(([0, 0, 0, 0], r.tuple.dport)),
-                }),
-                batch: r.flags & DNS_FLAG_BATCH != 0,
-                batch_len: r.batch_len,
-                payload_len: r.payload_len,
-                payload: captured(&r.payload[..DNS_PAYLOAD_CAP], r.cap_len)?,
+            // The record's length says its payload capacity (the head is the same).
+            const WHAT: &str = "DNS packet record";
+            let ev = match bytes.len() {
+                n if n == size_of::<DnsPacketSmall>() => {
+                    dns_event::<DNS_PAYLOAD_SMALL>(bytes, source)?
+                }
+                n if n == size_of::<DnsPacket>() => dns_event::<DNS_PAYLOAD_CAP>(bytes, source)?,
+                n if n < size_of::<DnsPacketSmall>() => {
+                    return Err(DecodeError::Short {
+                        what: WHAT,
+                        need: size_of::<DnsPacketSmall>(),
+                        got: n,
+                    })
+                }
+                n => {
+                    return Err(DecodeError::BadSize {
+                        what: WHAT,
+                        got: n,
+                        sizes: DNS_SIZES,
+                    })
+                }
             };
             Ok(if kind == EventKind::DnsSend {
                 Event::DnsSend(ev)
@@ -260,6 +280,26 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
     }
 }
 
+/// The event of a DNS record with room for `N` payload bytes (`bytes` is that long).
+fn dns_event<const N: usize>(bytes: &[u8], source: &'static str) -> Result<DnsEvent, DecodeError> {
+    let r: DnsPacketOf<N> = read(bytes, "DNS packet record")?;
+    Ok(DnsEvent {
+        ts_ns: r.header.ts_ns,
+        source,
+        task: task(&r.task, r.flags & DNS_FLAG_NO_TASK == 0),
+        sock_cookie: r.sock_cookie,
+        tuple: tuple(&r.tuple).unwrap_or(FiveTuple {
+            proto: r.tuple.proto,
+            src: SocketAddr::from(([0, 0, 0, 0], r.tuple.sport)),
+            dst: SocketAddr::from(([0, 0, 0, 0], r.tuple.dport)),
+        }),
+        batch: r.flags & DNS_FLAG_BATCH != 0,
+        batch_len: r.batch_len,
+        payload_len: r.payload_len,
+        payload: captured(&r.payload, r.cap_len)?,
+    })
+}
+
 const ZERO_TUPLE: FiveTuple = FiveTuple {
     proto: 0,
     src: SocketAddr::V4(std::net::SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0)),
@@ -268,7 +308,9 @@ const ZERO_TUPLE: FiveTuple = FiveTuple {
 
 /// Encodes records the way the kernel lays them out: for tests, fuzzing and benchmarks.
 pub mod encode {
-    use tracer_common::{DnsPacket, NfEvent};
+    use tracer_common::{
+        DnsPacket, DnsPacketOf, DnsPacketSmall, NfEvent, DNS_HEAD_LEN, DNS_PAYLOAD_SMALL,
+    };
 
     fn bytes_of<T: Copy>(v: &T) -> Vec<u8> {
         let mut out = vec![0u8; std::mem::size_of::<T>()];
@@ -277,8 +319,37 @@ pub mod encode {
         out
     }
 
+    /// The record the kernel writes for `r`: the small one ([`DnsPacketSmall`], 256 bytes)
+    /// when the whole payload fits it (and so does `cap_len`, which the kernel never sets
+    /// past the capacity), else the full one (640 bytes).
     pub fn dns(r: &DnsPacket) -> Vec<u8> {
+        if r.payload_len as usize <= DNS_PAYLOAD_SMALL && r.cap_len as usize <= DNS_PAYLOAD_SMALL {
+            bytes_of(&small(r))
+        } else {
+            bytes_of(r)
+        }
+    }
+
+    /// The full 640-byte record whatever the payload, as tracers before the small record
+    /// wrote every DNS packet (old traces hold these).
+    pub fn dns_full(r: &DnsPacket) -> Vec<u8> {
         bytes_of(r)
+    }
+
+    /// A record of any capacity, as it is.
+    pub fn dns_of<const N: usize>(r: &DnsPacketOf<N>) -> Vec<u8> {
+        bytes_of(r)
+    }
+
+    /// `r` in the small record: the same head and the first `DNS_PAYLOAD_SMALL` payload
+    /// bytes.
+    pub fn small(r: &DnsPacket) -> DnsPacketSmall {
+        let full = bytes_of(r);
+        let mut out = vec![0u8; std::mem::size_of::<DnsPacketSmall>()];
+        out.copy_from_slice(&full[..DNS_HEAD_LEN + DNS_PAYLOAD_SMALL]);
+        // SAFETY: `out` holds size_of::<DnsPacketSmall>() bytes; the record is plain
+        // integers, so every bit pattern is a value.
+        unsafe { std::ptr::read_unaligned(out.as_ptr().cast::<DnsPacketSmall>()) }
     }
 
     pub fn nf(r: &NfEvent) -> Vec<u8> {
@@ -288,8 +359,10 @@ pub mod encode {
 
 #[cfg(test)]
 mod tests {
+    use std::mem::offset_of;
+
     use proptest::prelude::*;
-    use tracer_common::{Header, IPPROTO_UDP};
+    use tracer_common::{Header, DNS_HEAD_LEN, IPPROTO_UDP};
 
     use super::*;
 
@@ -334,6 +407,7 @@ mod tests {
     #[test]
     fn dns_send_round_trip() {
         let bytes = encode::dns(&dns_record(EventKind::DnsSend, b"\x12\x34hello"));
+        assert_eq!(bytes.len(), 256, "a short payload takes the small record");
         let Event::DnsSend(e) = decode(&bytes).unwrap() else {
             panic!("wrong kind")
         };
@@ -358,6 +432,125 @@ mod tests {
         assert_eq!(e.task.netns, 4026531840);
     }
 
+    /// Both record sizes, at and around the small capacity, decode to the same event; the
+    /// encoder picks the size the kernel would.
+    #[test]
+    fn small_and_full_records_round_trip() {
+        for n in [0, 1, 60, DNS_PAYLOAD_SMALL - 1, DNS_PAYLOAD_SMALL] {
+            let payload: Vec<u8> = (0..n).map(|i| i as u8 ^ 0x5a).collect();
+            let r = dns_record(EventKind::DnsRecv, &payload);
+            let small = encode::dns(&r);
+            assert_eq!(small.len(), size_of::<DnsPacketSmall>(), "{n} bytes");
+            let full = encode::dns_full(&r);
+            assert_eq!(full.len(), size_of::<DnsPacket>());
+            assert_eq!(small[..DNS_HEAD_LEN], full[..DNS_HEAD_LEN], "the same head");
+            let ev = decode(&small).unwrap();
+            assert_eq!(
+                ev,
+                decode(&full).unwrap(),
+                "{n} bytes: small and full agree"
+            );
+            let Event::DnsRecv(e) = ev else {
+                panic!("wrong kind")
+            };
+            assert_eq!(e.payload, payload);
+            assert_eq!(e.payload_len, n as u32);
+            assert_eq!(e.ts_ns, 42);
+        }
+        for n in [DNS_PAYLOAD_SMALL + 1, 300, DNS_PAYLOAD_CAP] {
+            let payload = vec![0xab; n];
+            let bytes = encode::dns(&dns_record(EventKind::DnsSend, &payload));
+            assert_eq!(bytes.len(), size_of::<DnsPacket>(), "{n} bytes");
+            let Event::DnsSend(e) = decode(&bytes).unwrap() else {
+                panic!("wrong kind")
+            };
+            assert_eq!(e.payload, payload);
+        }
+        // A payload longer than the capture: the full record, its first 512 bytes.
+        let mut r = dns_record(EventKind::DnsRecv, &[7; DNS_PAYLOAD_CAP]);
+        r.payload_len = 1400;
+        let bytes = encode::dns(&r);
+        assert_eq!(bytes.len(), size_of::<DnsPacket>());
+        let Event::DnsRecv(e) = decode(&bytes).unwrap() else {
+            panic!("wrong kind")
+        };
+        assert_eq!((e.payload_len, e.payload.len()), (1400, DNS_PAYLOAD_CAP));
+    }
+
+    /// What older tracers (and their traces) wrote: every DNS packet in a 640-byte record,
+    /// the unused payload tail zero (a replayed trace) or garbage (the ring).
+    #[test]
+    fn old_full_records_decode_as_before() {
+        let r = dns_record(EventKind::DnsSend, b"\x12\x34\x01\x00\x00\x01");
+        let mut bytes = encode::dns_full(&r);
+        let zero_tail = decode(&bytes).unwrap();
+        for b in &mut bytes[DNS_HEAD_LEN + 6..] {
+            *b = 0xAA;
+        }
+        assert_eq!(decode(&bytes).unwrap(), zero_tail);
+        let Event::DnsSend(e) = zero_tail else {
+            panic!("wrong kind")
+        };
+        assert_eq!(e.payload, b"\x12\x34\x01\x00\x00\x01");
+        assert_eq!(e.source, "cgroup_skb/egress");
+    }
+
+    #[test]
+    fn dns_records_of_other_sizes_are_typed_errors() {
+        let r = dns_record(EventKind::DnsSend, b"abc");
+        let full = encode::dns_full(&r);
+        for len in [16, 100, 255] {
+            assert_eq!(
+                decode(&full[..len]),
+                Err(DecodeError::Short {
+                    what: "DNS packet record",
+                    need: 256,
+                    got: len
+                }),
+                "{len} bytes"
+            );
+        }
+        for len in [257, 264, 639] {
+            assert_eq!(
+                decode(&full[..len]),
+                Err(DecodeError::BadSize {
+                    what: "DNS packet record",
+                    got: len,
+                    sizes: "256 or 640"
+                }),
+                "{len} bytes"
+            );
+        }
+        let mut long = full.clone();
+        long.extend_from_slice(&[0; 8]);
+        assert!(matches!(
+            decode(&long),
+            Err(DecodeError::BadSize { got: 648, .. })
+        ));
+        // cap_len is held to the capacity of the record it is in.
+        let mut r = dns_record(EventKind::DnsSend, b"");
+        r.cap_len = DNS_PAYLOAD_SMALL as u32 + 1;
+        let mut small = encode::dns_of(&encode::small(&r));
+        assert_eq!(
+            decode(&small),
+            Err(DecodeError::BadCapLen {
+                cap_len: DNS_PAYLOAD_SMALL as u32 + 1,
+                cap: DNS_PAYLOAD_SMALL
+            })
+        );
+        assert!(
+            decode(&encode::dns_full(&r)).is_ok(),
+            "fits the full record"
+        );
+        small[offset_of!(DnsPacketSmall, cap_len)] = DNS_PAYLOAD_SMALL as u8;
+        assert!(decode(&small).is_ok());
+        let msg = decode(&full[..300]).unwrap_err().to_string();
+        assert_eq!(
+            msg,
+            "record of 300 bytes is no DNS packet record (those are 256 or 640 bytes long)"
+        );
+    }
+
     #[test]
     fn short_and_unknown_records_are_typed_errors() {
         let bytes = encode::dns(&dns_record(EventKind::DnsSend, b""));
@@ -368,7 +561,7 @@ mod tests {
         assert!(matches!(
             decode(&bytes[..100]),
             Err(DecodeError::Short {
-                need: 640,
+                need: 256,
                 got: 100,
                 ..
             })
@@ -429,14 +622,33 @@ mod tests {
             }
         }
 
-        /// Valid headers with arbitrary bodies and lengths: typed result, no panic.
+        /// Valid headers with arbitrary bodies and lengths: typed result, no panic; a DNS
+        /// record decodes only at one of its two sizes.
         #[test]
         fn decode_truncated_valid_records(kind in 1u32..=4, source in 1u16..=11, len in 0usize..700, fill in any::<u8>()) {
             let mut bytes = vec![fill; len.max(16)];
             bytes[..4].copy_from_slice(&kind.to_ne_bytes());
             bytes[4..6].copy_from_slice(&source.to_ne_bytes());
             bytes.truncate(len);
-            let _ = decode(&bytes);
+            let got = decode(&bytes);
+            if (kind == 1 || kind == 2) && len != 256 && len != 640 {
+                prop_assert!(got.is_err(), "{len}-byte DNS record decoded");
+            }
+        }
+
+        /// A valid DNS record (either size) cut anywhere short of its length is an error;
+        /// whole, it decodes, and to the same event as its full-size twin.
+        #[test]
+        fn decode_cut_dns_records(payload in proptest::collection::vec(any::<u8>(), 0..=DNS_PAYLOAD_CAP), recv in any::<bool>(), cut in any::<prop::sample::Index>()) {
+            let kind = if recv { EventKind::DnsRecv } else { EventKind::DnsSend };
+            let r = dns_record(kind, &payload);
+            let bytes = encode::dns(&r);
+            let whole = decode(&bytes).unwrap();
+            prop_assert_eq!(&whole, &decode(&encode::dns_full(&r)).unwrap());
+            let (Event::DnsSend(e) | Event::DnsRecv(e)) = &whole else { unreachable!() };
+            prop_assert_eq!(&e.payload, &payload);
+            let at = cut.index(bytes.len());
+            prop_assert!(decode(&bytes[..at]).is_err(), "cut at {} of {}", at, bytes.len());
         }
     }
 }
