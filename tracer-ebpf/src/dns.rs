@@ -22,8 +22,8 @@ use aya_ebpf::{
     programs::{FEntryContext, SkBuffContext, TracePointContext},
 };
 use tracer_common::{
-    DnsPacket, EventKind, SourceId, Task, Tuple, AF_INET, AF_INET6, DNS_FLAG_BATCH,
-    DNS_FLAG_NO_TASK, DNS_PAYLOAD_CAP, IPPROTO_UDP,
+    DnsPacketOf, EventKind, SourceId, Task, Tuple, AF_INET, AF_INET6, DNS_FLAG_BATCH,
+    DNS_FLAG_NO_TASK, DNS_PAYLOAD_CAP, DNS_PAYLOAD_SMALL, IPPROTO_UDP,
 };
 
 use crate::{
@@ -35,17 +35,26 @@ use crate::{
     EVENTS, IN_SENDMMSG, SOCK_OWNER,
 };
 
-/// Reserves a `DnsPacket`, lets `fill` write every field but the header and the batch
+/// Does a payload of `len` bytes fit the small record ([`tracer_common::DnsPacketSmall`])?
+/// Every source knows the length before it reserves, and calls its generic part with
+/// `N = DNS_PAYLOAD_SMALL` when it does, else `N = DNS_PAYLOAD_CAP`: `bpf_ringbuf_reserve`
+/// takes a constant size, so each size is its own monomorphized reservation.
+#[inline(always)]
+fn fits_small(len: usize) -> bool {
+    len <= DNS_PAYLOAD_SMALL
+}
+
+/// Reserves a `DnsPacketOf<N>`, lets `fill` write every field but the header and the batch
 /// fields, and submits it; counts a loss when the ring buffer is full. Records are filled
 /// in place: the BPF stack (512 bytes) can not hold one.
 #[inline(always)]
-fn emit(kind: EventKind, source: SourceId, fill: impl FnOnce(*mut DnsPacket)) {
-    let Some(mut entry) = EVENTS.reserve::<DnsPacket>(0) else {
+fn emit<const N: usize>(kind: EventKind, source: SourceId, fill: impl FnOnce(*mut DnsPacketOf<N>)) {
+    let Some(mut entry) = EVENTS.reserve::<DnsPacketOf<N>>(0) else {
         count_lost(kind);
         return;
     };
     let p = entry.as_mut_ptr();
-    // SAFETY: `p` points at a reserved, exclusively owned `DnsPacket`; `fill` writes every
+    // SAFETY: `p` points at a reserved, exclusively owned `DnsPacketOf<N>`; `fill` writes every
     // other field before submit (payload bytes past `cap_len` are never read).
     unsafe {
         (*p).header = header(kind, source);
@@ -99,13 +108,13 @@ fn skb_parse(ctx: &SkBuffContext) -> Option<crate::kernel::L4> {
     )
 }
 
-/// Copies the UDP payload (at most `DNS_PAYLOAD_CAP` bytes) out of a cgroup_skb packet.
+/// Copies the UDP payload (at most `N` bytes) out of a cgroup_skb packet.
 #[inline(always)]
-fn skb_payload(ctx: &SkBuffContext, off: u32, dst: *mut [u8; DNS_PAYLOAD_CAP]) -> u32 {
-    let Some(n) = clamp_nonzero::<DNS_PAYLOAD_CAP>(ctx.len().saturating_sub(off)) else {
+fn skb_payload<const N: usize>(ctx: &SkBuffContext, off: u32, dst: *mut [u8; N]) -> u32 {
+    let Some(n) = clamp_nonzero::<N>(ctx.len().saturating_sub(off)) else {
         return 0;
     };
-    // SAFETY: `dst` holds DNS_PAYLOAD_CAP writable bytes and 0 < n <= DNS_PAYLOAD_CAP.
+    // SAFETY: `dst` holds N writable bytes and 0 < n <= N.
     let rc =
         unsafe { bpf_skb_load_bytes(ctx.skb.skb as *const c_void, off, dst as *mut c_void, n) };
     if rc == 0 {
@@ -142,7 +151,21 @@ fn try_dns_egress(ctx: &SkBuffContext) {
         return;
     }
     let (cookie, cgroup_id) = skb_socket(ctx);
-    emit(EventKind::DnsSend, SourceId::CgroupSkbEgress, |p| {
+    if fits_small(l4.payload_len as usize) {
+        egress_emit::<DNS_PAYLOAD_SMALL>(ctx, &l4, cookie, cgroup_id);
+    } else {
+        egress_emit::<DNS_PAYLOAD_CAP>(ctx, &l4, cookie, cgroup_id);
+    }
+}
+
+#[inline(always)]
+fn egress_emit<const N: usize>(
+    ctx: &SkBuffContext,
+    l4: &crate::kernel::L4,
+    cookie: u64,
+    cgroup_id: u64,
+) {
+    emit::<N>(EventKind::DnsSend, SourceId::CgroupSkbEgress, |p| {
         // SAFETY: `p` is the exclusively owned record handed out by `emit`.
         unsafe {
             current_task_read_into(addr_of_mut!((*p).task));
@@ -174,7 +197,21 @@ fn try_dns_ingress(ctx: &SkBuffContext) {
         return;
     }
     let (cookie, cgroup_id) = skb_socket(ctx);
-    emit(EventKind::DnsRecv, SourceId::CgroupSkbIngress, |p| {
+    if fits_small(l4.payload_len as usize) {
+        ingress_emit::<DNS_PAYLOAD_SMALL>(ctx, &l4, cookie, cgroup_id);
+    } else {
+        ingress_emit::<DNS_PAYLOAD_CAP>(ctx, &l4, cookie, cgroup_id);
+    }
+}
+
+#[inline(always)]
+fn ingress_emit<const N: usize>(
+    ctx: &SkBuffContext,
+    l4: &crate::kernel::L4,
+    cookie: u64,
+    cgroup_id: u64,
+) {
+    emit::<N>(EventKind::DnsRecv, SourceId::CgroupSkbIngress, |p| {
         // SAFETY: `p` is the exclusively owned record handed out by `emit`.
         unsafe {
             // Softirq context: the current task is not the receiver. Attribute the datagram
@@ -197,7 +234,7 @@ fn try_dns_ingress(ctx: &SkBuffContext) {
 
 /// Reads the first user buffer of a `msghdr`'s iterator (ITER_UBUF or ITER_IOVEC).
 #[inline(always)]
-fn msg_payload(msg: *const u8, len: u32, dst: *mut [u8; DNS_PAYLOAD_CAP]) -> u32 {
+fn msg_payload<const N: usize>(msg: *const u8, len: u32, dst: *mut [u8; N]) -> u32 {
     let Ok(moff) = crate::kernel::need(off!(msg_iter)) else {
         return 0;
     };
@@ -218,10 +255,10 @@ fn msg_payload(msg: *const u8, len: u32, dst: *mut [u8; DNS_PAYLOAD_CAP]) -> u32
     if base.is_null() {
         return 0;
     }
-    let Some(n) = clamp_nonzero::<DNS_PAYLOAD_CAP>(len) else {
+    let Some(n) = clamp_nonzero::<N>(len) else {
         return 0;
     };
-    // SAFETY: `dst` holds DNS_PAYLOAD_CAP writable bytes and n <= DNS_PAYLOAD_CAP; the
+    // SAFETY: `dst` holds N writable bytes and n <= N; the
     // helper validates the user address.
     let rc = unsafe {
         bpf_probe_read_user(
@@ -302,7 +339,23 @@ fn try_fentry_send(ctx: &FEntryContext, v6: bool, source: SourceId) {
     if !port_wanted(tuple.dport) {
         return;
     }
-    emit(EventKind::DnsSend, source, |p| {
+    if fits_small(len) {
+        fentry_send_emit::<DNS_PAYLOAD_SMALL>(ctx, sk, msg, len, tuple, source);
+    } else {
+        fentry_send_emit::<DNS_PAYLOAD_CAP>(ctx, sk, msg, len, tuple, source);
+    }
+}
+
+#[inline(always)]
+fn fentry_send_emit<const N: usize>(
+    ctx: &FEntryContext,
+    sk: *const u8,
+    msg: *const u8,
+    len: usize,
+    tuple: Tuple,
+    source: SourceId,
+) {
+    emit::<N>(EventKind::DnsSend, source, |p| {
         // SAFETY: `p` is the exclusively owned record handed out by `emit`.
         unsafe {
             current_task_into(addr_of_mut!((*p).task));
@@ -344,8 +397,22 @@ fn try_consume(ctx: &FEntryContext) {
     if l4.tuple.proto != IPPROTO_UDP || !port_wanted(l4.tuple.sport) {
         return;
     }
+    if fits_small(l4.payload_len as usize) {
+        consume_emit::<DNS_PAYLOAD_SMALL>(ctx, sk, &l4, ip);
+    } else {
+        consume_emit::<DNS_PAYLOAD_CAP>(ctx, sk, &l4, ip);
+    }
+}
+
+#[inline(always)]
+fn consume_emit<const N: usize>(
+    ctx: &FEntryContext,
+    sk: *const u8,
+    l4: &crate::kernel::L4,
+    ip: *const u8,
+) {
     let src = ip.wrapping_add(l4.payload_off as usize);
-    emit(EventKind::DnsRecv, SourceId::FentrySkbConsumeUdp, |p| {
+    emit::<N>(EventKind::DnsRecv, SourceId::FentrySkbConsumeUdp, |p| {
         // SAFETY: `p` is the exclusively owned record handed out by `emit`.
         unsafe {
             current_task_into(addr_of_mut!((*p).task));
