@@ -21,9 +21,10 @@ use tracer_common::{KernelOffsets, PORT_WORDS};
 #[unsafe(no_mangle)]
 static OFFSETS: KernelOffsets = KernelOffsets::NONE;
 
-/// Every record goes through this one ring buffer (4 MiB).
+/// Every record goes through this one ring buffer. The size here is a placeholder: the loader
+/// sets it (`--ring-size`, default 16 MiB) with `EbpfLoader::map_max_entries`.
 #[map]
-static EVENTS: RingBuf = RingBuf::with_byte_size(4 << 20, 0);
+static EVENTS: RingBuf = RingBuf::with_byte_size(16 << 20, 0);
 
 /// Ring-buffer reservation failures, per CPU, indexed by `EventKind` number.
 #[map]

@@ -277,6 +277,11 @@ pub struct KernelOpts {
     /// functions, or where BPF trampolines are unwanted).
     #[arg(long, value_enum, value_name = "KIND")]
     pub skip: Vec<crate::plan::Skip>,
+    /// Size of the ring buffer every record goes through, in MiB (a power of two, 1 to
+    /// 1024). Locked kernel memory; a bigger ring rides out longer bursts and reader stalls
+    /// before records are lost (16 MiB holds about 64k small DNS records).
+    #[arg(long, value_name = "MIB", default_value = "16", value_parser = parse_ring_size)]
+    pub ring_size: u32,
 }
 
 #[derive(Debug, Args)]
@@ -506,6 +511,35 @@ pub fn parse_ports(s: &str) -> Result<PortList, String> {
     Ok(PortList(out))
 }
 
+/// `--ring-size`: MiB (`16`, `16M`, `16MiB`) -> bytes. The kernel takes a power-of-two
+/// multiple of the page size; a power of two MiB up to 1024 is one on every page size Linux
+/// has (the page size is checked too).
+pub fn parse_ring_size(s: &str) -> Result<u32, String> {
+    let t = s.trim();
+    let num = t
+        .strip_suffix("MiB")
+        .or_else(|| t.strip_suffix('M'))
+        .unwrap_or(t);
+    let mib: u32 = num.trim().parse().map_err(|_| {
+        format!("invalid ring size '{s}': expected MiB as a power of two from 1 to 1024, e.g. 16")
+    })?;
+    if !(1..=1024).contains(&mib) || !mib.is_power_of_two() {
+        return Err(format!(
+            "ring size {mib} MiB: expected a power of two from 1 to 1024 MiB (the kernel \
+             takes a power-of-two multiple of the page size)"
+        ));
+    }
+    let bytes = mib << 20;
+    // SAFETY: sysconf has no preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    if page > 0 && !u64::from(bytes).is_multiple_of(page as u64) {
+        return Err(format!(
+            "ring size {mib} MiB is not a multiple of the page size ({page} bytes)"
+        ));
+    }
+    Ok(bytes)
+}
+
 fn parse_duration(s: &str) -> Result<Duration, String> {
     let secs: f64 = s
         .parse()
@@ -524,6 +558,7 @@ impl KernelOpts {
             cgroup: self.cgroup.clone(),
             try_all,
             skip: self.skip.clone(),
+            ring_size: self.ring_size,
         }
     }
 }
@@ -582,6 +617,28 @@ mod tests {
         assert_eq!(w.kernel.ports.0, vec![53, 5353]);
         assert_eq!(w.duration, Some(Duration::from_millis(1500)));
         assert!(Cli::try_parse_from(["tracer", "watch", "--ports", "x"]).is_err());
+        assert_eq!(w.kernel.session(false).ring_size, 16 << 20);
+    }
+
+    #[test]
+    fn ring_size() {
+        assert_eq!(parse_ring_size("16"), Ok(16 << 20));
+        assert_eq!(parse_ring_size("1"), Ok(1 << 20));
+        assert_eq!(parse_ring_size("64M"), Ok(64 << 20));
+        assert_eq!(parse_ring_size("1024MiB"), Ok(1 << 30));
+        assert!(parse_ring_size("24").unwrap_err().contains("power of two"));
+        assert!(parse_ring_size("0").unwrap_err().contains("power of two"));
+        assert!(parse_ring_size("2048")
+            .unwrap_err()
+            .contains("power of two"));
+        assert!(parse_ring_size("big")
+            .unwrap_err()
+            .contains("invalid ring size"));
+        let c = Cli::try_parse_from(["tracer", "lab", "dns-race", "--ring-size", "64"]).unwrap();
+        let Command::Lab(l) = c.command else { panic!() };
+        assert_eq!(l.args().session.ring_size, 64 << 20);
+        let e = Cli::try_parse_from(["tracer", "watch", "--ring-size", "3"]).unwrap_err();
+        assert!(e.to_string().contains("power of two"), "{e}");
     }
 
     impl Cli {

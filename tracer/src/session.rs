@@ -18,6 +18,10 @@ use crate::{btf::KernelBtf, modbtf, offsets, plan, preflight};
 /// The eBPF object built by `build.rs` from `tracer-ebpf`.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tracer"));
 
+/// The ring buffer's size when `--ring-size` is not given: 16 MiB, about 64k small DNS
+/// records (docs/design.md, "Loss accounting").
+pub const DEFAULT_RING_SIZE: u32 = 16 << 20;
+
 #[derive(Debug, Clone)]
 pub struct Options {
     pub ports: Vec<u16>,
@@ -27,6 +31,23 @@ pub struct Options {
     pub try_all: bool,
     /// Kinds of program the plan must not use.
     pub skip: Vec<plan::Skip>,
+    /// Bytes of the `EVENTS` ring buffer: a power-of-two multiple of the page size
+    /// (`cli::parse_ring_size` checks it).
+    pub ring_size: u32,
+}
+
+impl Default for Options {
+    /// Port 53, the running kernel's BTF, the cgroup2 mount, the default plan and ring.
+    fn default() -> Self {
+        Options {
+            ports: vec![53],
+            btf_path: PathBuf::from(crate::btf::VMLINUX_BTF),
+            cgroup: None,
+            try_all: false,
+            skip: Vec::new(),
+            ring_size: DEFAULT_RING_SIZE,
+        }
+    }
 }
 
 pub struct Session {
@@ -71,8 +92,14 @@ impl Session {
         let mut ebpf = EbpfLoader::new()
             .btf(Some(&btf))
             .override_global("OFFSETS", &offsets.offsets, true)
+            .map_max_entries("EVENTS", opts.ring_size)
             .load(OBJECT)
-            .context("loading the eBPF object (maps and globals)")?;
+            .with_context(|| {
+                format!(
+                    "loading the eBPF object (maps and globals; a {} ring buffer)",
+                    ring_size_text(opts.ring_size)
+                )
+            })?;
         let t_object = t0.elapsed();
 
         let mut ports: Array<&mut MapData, u64> =
@@ -147,6 +174,15 @@ impl Session {
     }
 }
 
+/// `16 MiB`, `512 KiB`: a ring size as people write it.
+pub fn ring_size_text(bytes: u32) -> String {
+    if bytes >= 1 << 20 && bytes.is_multiple_of(1 << 20) {
+        format!("{} MiB", bytes >> 20)
+    } else {
+        format!("{} KiB", bytes >> 10)
+    }
+}
+
 /// Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK.
 fn bump_memlock_rlimit() {
     let rlim = libc::rlimit {
@@ -183,5 +219,14 @@ mod tests {
         assert_eq!(w[5353 / 64], 1 << (5353 % 64));
         assert_eq!(w[1023], 1 << 63);
         assert_eq!(w.iter().map(|x| x.count_ones()).sum::<u32>(), 3);
+    }
+
+    #[test]
+    fn default_options() {
+        let o = super::Options::default();
+        assert_eq!(o.ports, vec![53]);
+        assert_eq!(o.ring_size, 16 << 20);
+        assert_eq!(super::ring_size_text(o.ring_size), "16 MiB");
+        assert_eq!(super::ring_size_text(256 << 10), "256 KiB");
     }
 }
