@@ -595,7 +595,7 @@ fn drain_until<W: Write>(
     let mut n: u64 = 0;
     loop {
         n += 1;
-        if n % 256 == 0 && deadline.is_some_and(|d| std::time::Instant::now() >= d) {
+        if n.is_multiple_of(256) && deadline.is_some_and(|d| std::time::Instant::now() >= d) {
             let mut skipped = 0;
             // Bounded: the programs are still attached, so stop after more than one ring
             // can hold.
