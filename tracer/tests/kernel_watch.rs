@@ -558,3 +558,187 @@ fn bad_input_gives_clear_errors() {
         "{e}"
     );
 }
+
+/// Sends `n` A queries for unique names from `sockets` connected UDP sockets at `rate`
+/// per second and reads the answers; `during(i)` runs before query `i`. Returns the ids
+/// (socket, DNS id) that were answered. Bounded: the sending by `n`, the reading after it
+/// by `bound(5)`.
+fn paced_queries(
+    server: std::net::SocketAddr,
+    n: u32,
+    rate: u32,
+    sockets: usize,
+    mut during: impl FnMut(u32),
+) -> BTreeSet<(usize, u16)> {
+    use std::{
+        net::UdpSocket,
+        time::{Duration, Instant},
+    };
+    let socks: Vec<UdpSocket> = (0..sockets)
+        .map(|_| {
+            let s = UdpSocket::bind("0.0.0.0:0").unwrap();
+            s.connect(server).unwrap();
+            s.set_nonblocking(true).unwrap();
+            s
+        })
+        .collect();
+    let mut answered = BTreeSet::new();
+    let mut buf = [0u8; 512];
+    let mut read = |answered: &mut BTreeSet<(usize, u16)>| {
+        for (k, s) in socks.iter().enumerate() {
+            while let Ok(len) = s.recv(&mut buf) {
+                if len >= 12 && buf[2] & 0x80 != 0 {
+                    answered.insert((k, u16::from_be_bytes([buf[0], buf[1]])));
+                }
+            }
+        }
+    };
+    let start = Instant::now();
+    for i in 0..n {
+        during(i);
+        // Paced: query i leaves at i / rate seconds.
+        let due = start + Duration::from_secs_f64(f64::from(i) / f64::from(rate));
+        while Instant::now() < due {
+            read(&mut answered);
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        let q = tracer::traffic::dns_query(i as u16, &format!("q{i:08}.load.test"), 1).unwrap();
+        socks[i as usize % sockets].send(&q).unwrap();
+    }
+    let deadline = Instant::now() + bound(5);
+    while answered.len() < n as usize && Instant::now() < deadline {
+        read(&mut answered);
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    answered
+}
+
+/// Real ring-buffer losses (the consumer stopped with SIGSTOP while a 1 MiB ring fills)
+/// while a real DNS server answers every query: the losses are counted and shown while they
+/// happen (a stderr line, per-CPU metrics), and no lookup is called unanswered: those open
+/// while records were lost are `incomplete`.
+#[test]
+fn ring_losses_make_lookups_incomplete_never_unanswered() {
+    require_root();
+    let lab = Lab::new("tl");
+    let _dns = Dnsmasq::start_with_args(
+        &lab.server,
+        &Lab::server_ips(),
+        53,
+        &[],
+        &["--address=/load.test/10.77.0.99"],
+    )
+    .unwrap();
+    let run = TracerRun::start(&["--ring-size", "1", "--metrics", "127.0.0.1:0"]);
+    let pid = run.pid();
+    // 6,000 queries at 2,000/s; the tracer is stopped for 1.5 s from the 1,000th on.
+    let (n, rate) = (6_000u32, 2_000u32);
+    let server: std::net::SocketAddr = format!("{SERVER_V4}:53").parse().unwrap();
+    let answered = tracer::traffic::in_netns(&lab.client.path(), || {
+        paced_queries(server, n, rate, 8, |i| match i {
+            1_000 => signal(pid, libc::SIGSTOP),
+            4_000 => signal(pid, libc::SIGCONT),
+            _ => {}
+        })
+    })
+    .unwrap();
+    signal(pid, libc::SIGCONT);
+    assert_eq!(
+        answered.len(),
+        n as usize,
+        "the server must answer every query for this test to mean anything"
+    );
+    // The loss was said while the run went on: a stderr line and the per-CPU counters.
+    let deadline = std::time::Instant::now() + bound(10);
+    while !run.stderr().contains("the ring buffer was full") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no loss line on stderr:\n{}",
+            run.stderr()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let addr = run
+        .stderr()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("metrics on http://")
+                .and_then(|r| r.strip_suffix("/metrics"))
+                .map(str::to_owned)
+        })
+        .expect("the metrics address on stderr");
+    let body = scrape(&addr);
+    let cpus = std::fs::read_to_string("/sys/devices/system/cpu/possible").unwrap();
+    let last: u32 = cpus
+        .trim()
+        .rsplit(['-', ','])
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let scraped: f64 = (0..=last)
+        .map(|c| {
+            sample(
+                &body,
+                "tracer_lost_events_total",
+                &[("cpu", &c.to_string())],
+            )
+            .unwrap_or_else(|| panic!("no loss series for cpu {c}:\n{body}"))
+        })
+        .sum();
+    assert!(scraped > 0.0, "{body}");
+
+    let events = run.stop();
+    let s = summary(&events);
+    let lost = s["lost"].as_u64().unwrap();
+    assert!(lost > 0, "the stopped consumer lost nothing: {s}");
+    assert!(lost as f64 >= scraped, "{lost} < scraped {scraped}");
+    assert_eq!(
+        s["lost_per_cpu"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap())
+            .sum::<u64>(),
+        lost
+    );
+    let netns = lab.client.inode();
+    let lookups: Vec<&Value> = of_type(&events, "lookup")
+        .into_iter()
+        .filter(|l| l["netns"] == netns)
+        .collect();
+    let count = |o: &str| lookups.iter().filter(|l| l["outcome"] == o).count();
+    eprintln!(
+        "lost {lost} records; lookups: {} answered, {} incomplete, {} unanswered",
+        count("answered"),
+        count("incomplete"),
+        count("unanswered")
+    );
+    assert_eq!(
+        count("unanswered"),
+        0,
+        "an answered query called unanswered"
+    );
+    let incomplete = count("incomplete");
+    assert!(incomplete > 0, "no lookup marked incomplete: {s}");
+    assert_eq!(
+        count("answered") + incomplete,
+        lookups.len(),
+        "only answered and incomplete lookups: {s}"
+    );
+    for l in lookups.iter().filter(|l| l["outcome"] == "incomplete") {
+        assert!(l["lost_records"].as_u64().unwrap() > 0, "{l}");
+        assert!(l["cause"].as_str().unwrap().contains("were lost"), "{l}");
+    }
+    // Every query the tracer saw belongs to one lookup; the lost ones are in no lookup.
+    let seen = lookups
+        .iter()
+        .map(|l| l["queries"].as_array().unwrap().len())
+        .sum::<usize>();
+    assert!(seen < n as usize, "{seen} queries in lookups, {n} sent");
+    // The summary counts them (node-wide: at least this namespace's).
+    assert!(
+        s["lookups"]["incomplete"].as_u64().unwrap() as usize >= incomplete,
+        "{s}"
+    );
+}

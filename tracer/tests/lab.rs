@@ -581,41 +581,6 @@ fn invalid_segments_reset_connections_unless_mitigated() {
 }
 
 /// `GET /metrics` over plain TCP; the body.
-fn scrape(addr: &str) -> String {
-    use std::io::{Read as _, Write as _};
-    let mut s = std::net::TcpStream::connect(addr).expect("connect to the metrics endpoint");
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
-        .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
-    out.split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default()
-}
-
-/// The value of the sample `name{labels}` whose labels include all of `want`.
-fn sample(body: &str, name: &str, want: &[(&str, &str)]) -> Option<f64> {
-    body.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
-        let (series, value) = l.rsplit_once(' ')?;
-        let (n, labels) = series.split_once('{').unwrap_or((series, "}"));
-        if n != name {
-            return None;
-        }
-        let labels = labels.trim_end_matches('}');
-        let have: Vec<(&str, &str)> = labels
-            .split(',')
-            .filter_map(|kv| kv.split_once('='))
-            .map(|(k, v)| (k, v.trim_matches('"')))
-            .collect();
-        want.iter()
-            .all(|w| have.contains(w))
-            .then(|| value.parse().ok())
-            .flatten()
-    })
-}
-
 #[test]
 fn watch_metrics_count_the_findings_a_lab_run_provokes() {
     require_root();
