@@ -396,6 +396,11 @@ pub struct Correlator {
     negative: Map<(ClientKey, u64), Vec<u64>>,
     /// (flow, DNS id) -> the queries sent on it, as (lookup, query index).
     by_flow: Map<(FlowKey, u16), Vec<(u64, usize)>>,
+    /// (client, DNS id) -> the same queries, for a packet whose server address is not the
+    /// one the query was seen with: a DNAT in the sender's own OUTPUT hook (a host-network
+    /// process asking a service VIP) shows the query to the backend on the fallback send
+    /// path, while its answer comes back from the VIP, and the conntrack entry says VIP.
+    by_client_id: Map<(SocketAddr, u16), Vec<(u64, usize)>>,
     pending: VecDeque<Pending>,
     /// Lookups whose every name was answered, by the time that happened: closed once
     /// `settle_ns` has passed on the correlator's clock.
@@ -453,6 +458,7 @@ impl Correlator {
             by_name: Map::default(),
             negative: Map::default(),
             by_flow: Map::default(),
+            by_client_id: Map::default(),
             pending: VecDeque::new(),
             settling: VecDeque::new(),
             clock_ns: 0,
@@ -562,6 +568,10 @@ impl Correlator {
         let flow = (d.tuple.src, d.tuple.dst);
         self.by_flow
             .entry((flow, w.id))
+            .or_default()
+            .push((lid, idx));
+        self.by_client_id
+            .entry((d.tuple.src, w.id))
             .or_default()
             .push((lid, idx));
         self.match_pending(flow);
@@ -840,12 +850,26 @@ impl Correlator {
         id: u16,
     ) -> impl Iterator<Item = (u64, usize)> + '_ {
         let flow = (client, server);
-        let exact = self.by_flow.get(&(flow, id)).into_iter().flatten();
-        let wild = unbound(flow)
-            .and_then(|w| self.by_flow.get(&(w, id)))
+        let exact = self.by_flow.get(&(flow, id));
+        let wild = unbound(flow).and_then(|w| self.by_flow.get(&(w, id)));
+        // Only when the server address matched nothing: the same client and id, any server.
+        let any_server = (exact.is_none() && wild.is_none())
+            .then(|| {
+                let c = self.by_client_id.get(&(client, id)).into_iter().flatten();
+                let w = unbound(flow)
+                    .and_then(|(w, _)| self.by_client_id.get(&(w, id)))
+                    .into_iter()
+                    .flatten();
+                c.chain(w)
+            })
             .into_iter()
             .flatten();
-        exact.chain(wild).copied()
+        exact
+            .into_iter()
+            .flatten()
+            .chain(wild.into_iter().flatten())
+            .chain(any_server)
+            .copied()
     }
 
     fn match_pending(&mut self, flow: FlowKey) {
@@ -1128,22 +1152,20 @@ impl Correlator {
             return;
         };
         for (i, q) in o.lookup.queries.iter().enumerate() {
-            let key = ((q.src, q.server), q.id);
-            if let Some(refs) = self.by_flow.get_mut(&key) {
-                refs.retain(|&(l, _)| l != lid);
-                if refs.is_empty() {
-                    self.by_flow.remove(&key);
-                }
-            }
+            let of_this = |&(l, _): &(u64, usize)| l == lid;
+            unindex(&mut self.by_flow, ((q.src, q.server), q.id), of_this);
+            unindex(&mut self.by_client_id, (q.src, q.id), of_this);
             // Each name once.
             if o.lookup.queries[..i].iter().all(|p| p.qname != q.qname) {
-                unindex(&mut self.by_name, (o.client, name_key(&q.qname)), lid);
+                unindex(&mut self.by_name, (o.client, name_key(&q.qname)), |&l| {
+                    l == lid
+                });
             }
         }
         unindex(
             &mut self.negative,
             (o.client, name_key(first_label(&o.lookup.name))),
-            lid,
+            |&l| l == lid,
         );
         let mut l = o.lookup;
         // Every query from an unbound socket gets the address one of that socket's packets
@@ -1203,11 +1225,15 @@ impl Correlator {
     }
 }
 
-/// Takes `lid` out of the index entry `key`.
-fn unindex(map: &mut Map<(ClientKey, u64), Vec<u64>>, key: (ClientKey, u64), lid: u64) {
-    if let Some(ids) = map.get_mut(&key) {
-        ids.retain(|&x| x != lid);
-        if ids.is_empty() {
+/// Takes what `gone` says out of the index entry `key` (and the entry, once empty).
+fn unindex<K: std::hash::Hash + Eq, T>(
+    map: &mut Map<K, Vec<T>>,
+    key: K,
+    gone: impl Fn(&T) -> bool,
+) {
+    if let Some(refs) = map.get_mut(&key) {
+        refs.retain(|r| !gone(r));
+        if refs.is_empty() {
             map.remove(&key);
         }
     }

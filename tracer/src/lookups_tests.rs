@@ -857,3 +857,42 @@ fn without_the_loss_gate_lookups_are_handed_out_as_before() {
     s.answer(MS, 40000, &a, 0, true);
     assert_eq!(s.done(S).len(), 1);
 }
+
+#[test]
+fn a_query_dnated_in_the_senders_own_output_hook_still_meets_its_answer_and_fate() {
+    // The fallback send path sees the query after the sender's OUTPUT DNAT (to the
+    // backend); the answer comes back from the VIP and the conntrack entry says VIP.
+    let mut s = Stream::new();
+    let q = dns_query(7, "svc.example", QTYPE_A).unwrap();
+    s.c.on_send(
+        &dns_event(
+            0,
+            Some(s.pid),
+            9,
+            pod_addr(40000),
+            backend(),
+            false,
+            q.clone(),
+        ),
+        workload(),
+    );
+    let dropped = s.drop_query(MS, 40000, &q, Verdict::InsertClashDropped, false);
+    assert!(
+        dropped.is_some(),
+        "the fate found the query sent to the backend"
+    );
+    s.answer(2 * MS, 40000, &q, 0, true);
+    let done = s.done(S);
+    assert_eq!(done.len(), 1);
+    let l = &done[0];
+    assert_eq!(l.queries.len(), 1);
+    assert!(
+        l.queries[0].answer.is_some(),
+        "the answer from the VIP found it"
+    );
+    assert_eq!(
+        l.queries[0].fate.as_ref().map(|f| f.verdict),
+        Some(Verdict::InsertClashDropped)
+    );
+    assert_eq!(s.c.stats.unmatched_answers, 0);
+}
