@@ -742,3 +742,62 @@ fn ring_losses_make_lookups_incomplete_never_unanswered() {
         "{s}"
     );
 }
+
+/// A host-network process asking a service VIP that its own namespace DNATs (kube-proxy's
+/// OUTPUT rules): the fallback send path sees the query after the DNAT (to the backend),
+/// the answer comes back from the VIP. The lookup is answered, never unanswered.
+#[test]
+fn a_lookup_through_a_dnat_in_the_senders_output_hook_is_answered() {
+    require_root();
+    let lab = Lab::new("to");
+    let backend: std::net::IpAddr = SERVER_V4.parse().unwrap();
+    lab.client
+        .route_add(&format!("default via {backend}"))
+        .unwrap();
+    let _dns = Dnsmasq::start(
+        &lab.server,
+        &[backend],
+        53,
+        &[("svc.example", "10.96.7.7".parse().unwrap())],
+    )
+    .unwrap();
+    lab.client
+        .nft(&format!(
+            "table ip nat {{\n chain out {{\n  type nat hook output priority -100;\n  \
+             ip daddr 10.96.0.10 udp dport 53 dnat to {backend}\n }}\n}}\n"
+        ))
+        .unwrap();
+    let _resolv = NetnsResolvConf::write(
+        &lab.client,
+        "nameserver 10.96.0.10\noptions timeout:2 attempts:1\n",
+    );
+    let run = TracerRun::start(&[]);
+    let (_, out) = spawn_in(&lab.client, &["getent", "ahosts", "svc.example"]);
+    assert!(
+        out.status.success() && String::from_utf8_lossy(&out.stdout).contains("10.96.7.7"),
+        "getent failed: {out:?}"
+    );
+    let events = run.stop();
+    let netns = lab.client.inode();
+    let mine = |e: &&Value| e["netns"] == netns;
+    let recvs = of_type(&events, "dns_recv")
+        .into_iter()
+        .filter(mine)
+        .count();
+    assert_eq!(recvs, 2, "both answers seen");
+    let lookups: Vec<&Value> = of_type(&events, "lookup")
+        .into_iter()
+        .filter(mine)
+        .collect();
+    assert_eq!(lookups.len(), 1, "{lookups:#?}");
+    let l = lookups[0];
+    assert_eq!(l["outcome"], "answered", "{l}");
+    let queries = l["queries"].as_array().unwrap();
+    assert_eq!(queries.len(), 2, "{l}");
+    assert!(
+        queries
+            .iter()
+            .all(|q| q["answer"].is_object() && q["unanswered"] == false),
+        "{l}"
+    );
+}
