@@ -206,6 +206,17 @@ pub fn significant(bytes: &[u8]) -> &[u8] {
     }
     let kind = u32::from_ne_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
     let end = match EventKind::from_u32(kind) {
+        // Two DNS record sizes, one head: the length says the capacity.
+        Some(EventKind::DnsSend | EventKind::DnsRecv)
+            if bytes.len() == size_of::<tracer_common::DnsPacketSmall>() =>
+        {
+            cut::<tracer_common::DnsPacketSmall>(
+                bytes,
+                std::mem::offset_of!(tracer_common::DnsPacketSmall, payload),
+                std::mem::offset_of!(tracer_common::DnsPacketSmall, cap_len),
+                tracer_common::DNS_PAYLOAD_SMALL,
+            )
+        }
         Some(EventKind::DnsSend | EventKind::DnsRecv) => cut::<DnsPacket>(
             bytes,
             std::mem::offset_of!(DnsPacket, payload),

@@ -191,9 +191,13 @@ pub async fn run(args: WatchArgs) -> anyhow::Result<()> {
 
     let mut losses = Losses::new(&session, &show)?;
     let mut stop = false;
+    // The last drain stopped at its slice with records still queued: the kernel does not
+    // wake a reader that has not caught up, so the loop drains again right away (between
+    // the other branches, which stay served).
+    let mut behind = false;
     while !stop {
         tokio::select! {
-            guard = ring.readable_mut() => {
+            guard = ring.readable_mut(), if !behind => {
                 let mut guard = guard?;
                 // Clear first, then drain: the kernel wakes the reader only for a record
                 // submitted while the reader had caught up, so a record that arrives after
@@ -201,9 +205,16 @@ pub async fn run(args: WatchArgs) -> anyhow::Result<()> {
                 // (Draining first and clearing after loses the wake-up of a record that
                 // lands in between, and then every later one.)
                 guard.clear_ready();
-                if drain(guard.get_inner_mut(), &mut pipeline, &mut show)?
-                    || losses.read(&session, &mut pipeline, &mut show, false)?
-                {
+                let d = drain(guard.get_inner_mut(), &mut pipeline, &mut show, Budget::Slice)?;
+                behind = d.more;
+                if d.gone || losses.read(&session, &mut pipeline, &mut show, false)? {
+                    stop = true;
+                }
+            }
+            _ = std::future::ready(()), if behind => {
+                let d = drain(ring.get_mut(), &mut pipeline, &mut show, Budget::Slice)?;
+                behind = d.more;
+                if d.gone || losses.read(&session, &mut pipeline, &mut show, false)? {
                     stop = true;
                 }
             }
@@ -220,17 +231,19 @@ pub async fn run(args: WatchArgs) -> anyhow::Result<()> {
             _ = sweep.tick() => {
                 // A safety net for the wake-ups: whatever is in the ring is read within
                 // SWEEP_EVERY, so a drop is explained while its network namespace exists.
-                if drain(ring.get_mut(), &mut pipeline, &mut show)?
-                    || losses.read(&session, &mut pipeline, &mut show, false)?
-                {
+                let d = drain(ring.get_mut(), &mut pipeline, &mut show, Budget::Slice)?;
+                behind = d.more;
+                if d.gone || losses.read(&session, &mut pipeline, &mut show, false)? {
                     stop = true;
                 }
             }
             _ = poll.tick() => {
-                // Records first, so the counter reading comes after the drops it covers.
-                if drain(ring.get_mut(), &mut pipeline, &mut show)?
-                    || losses.read(&session, &mut pipeline, &mut show, true)?
-                {
+                // Records first, so the counter reading comes after the drops it covers:
+                // every record stamped before now (a consumer behind reads the rest after).
+                let now = monotonic_ns();
+                let d = drain(ring.get_mut(), &mut pipeline, &mut show, Budget::Through(now))?;
+                behind = d.more;
+                if d.gone || losses.read(&session, &mut pipeline, &mut show, true)? {
                     stop = true;
                 }
                 let now = monotonic_ns();
@@ -258,12 +271,13 @@ pub async fn run(args: WatchArgs) -> anyhow::Result<()> {
     // What the kernel wrote before we stopped still counts, as much of it as can be read
     // within FINAL_DRAIN; the rest is skipped, counted and treated as lost.
     let stopped = std::time::Instant::now();
-    let (_, skipped) = drain_until(
+    let skipped = drain(
         ring.get_mut(),
         &mut pipeline,
         &mut show,
-        Some(stopped + FINAL_DRAIN),
-    )?;
+        Budget::Until(stopped + FINAL_DRAIN),
+    )?
+    .skipped;
     losses.skipped = skipped;
     let _ = losses.read(&session, &mut pipeline, &mut show, true)?;
     losses.report_burst();
@@ -287,8 +301,9 @@ pub async fn run(args: WatchArgs) -> anyhow::Result<()> {
         recorder,
         ..
     } = show;
-    let mut summary_json = summary_json(counts, &summary, &stats, &lost);
-    summary_json["unprocessed"] = json!(skipped);
+    // Records skipped at the stop are in `lookups.lost_records` (they made lookups
+    // incomplete, in the trace's `loss` line too), and in the stderr line below.
+    let summary_json = summary_json(counts, &summary, &stats, &lost);
     if let Some(mut rec) = recorder {
         rec.out.note("summary", summary_json.clone())?;
         let path = rec.path();
@@ -576,38 +591,68 @@ impl<'a, W: Write> Show<'a, W> {
     }
 }
 
-/// Reads every pending record. Returns `true` when stdout is gone (stop quietly).
+/// How much of the ring one drain reads.
+#[derive(Clone, Copy)]
+enum Budget {
+    /// At most [`DRAIN_SLICE`] records, so that a ring that never empties (the consumer
+    /// behind a busy node) still leaves room for loss readings, counter polls and signals.
+    Slice,
+    /// Every record stamped up to this time (`CLOCK_MONOTONIC`): what was in the ring when
+    /// the counters are read, however many that is (at most a ringful), and no more.
+    Through(u64),
+    /// Everything, processed until the deadline and only counted after it (a stop).
+    Until(std::time::Instant),
+}
+
+/// What a drain did.
+struct Drained {
+    /// Stdout is gone (stop quietly).
+    gone: bool,
+    /// The slice ended with records still queued.
+    more: bool,
+    /// Records read but not processed (past the deadline of a stop).
+    skipped: u64,
+}
+
+/// Records one drain reads at most (`Budget::Slice`): ~20-50 ms of work.
+const DRAIN_SLICE: u64 = 8192;
+
+/// Reads pending records, within `budget`.
 fn drain<W: Write>(
     ring: &mut RingBuf<MapData>,
     pipeline: &mut Pipeline,
     show: &mut Show<'_, W>,
-) -> anyhow::Result<bool> {
-    drain_until(ring, pipeline, show, None).map(|(gone, _)| gone)
-}
-
-/// Reads every pending record; past `deadline` the rest are only counted (returned second).
-fn drain_until<W: Write>(
-    ring: &mut RingBuf<MapData>,
-    pipeline: &mut Pipeline,
-    show: &mut Show<'_, W>,
-    deadline: Option<std::time::Instant>,
-) -> anyhow::Result<(bool, u64)> {
+    budget: Budget,
+) -> anyhow::Result<Drained> {
     let mut n: u64 = 0;
+    let mut out = Drained {
+        gone: false,
+        more: false,
+        skipped: 0,
+    };
     loop {
         n += 1;
-        if n.is_multiple_of(256) && deadline.is_some_and(|d| std::time::Instant::now() >= d) {
-            let mut skipped = 0;
-            // Bounded: the programs are still attached, so stop after more than one ring
-            // can hold.
-            while skipped < MAX_SKIP && ring.next().is_some() {
-                skipped += 1;
+        match budget {
+            Budget::Slice if n > DRAIN_SLICE => {
+                out.more = true;
+                break;
             }
-            if let Some(rec) = show.recorder.as_mut() {
-                rec.settle(pipeline, true)?;
+            Budget::Until(d) if n.is_multiple_of(256) && std::time::Instant::now() >= d => {
+                // Bounded: the programs are still attached, so stop after more than one
+                // ring can hold.
+                while out.skipped < MAX_SKIP && ring.next().is_some() {
+                    out.skipped += 1;
+                }
+                break;
             }
-            return Ok((quiet_stop(show.printer.flush())?, skipped));
+            _ => {}
         }
         let Some(item) = ring.next() else { break };
+        // The header's timestamp (`tracer_common::Header::ts_ns`, bytes 8..16).
+        let stamped = item
+            .get(8..16)
+            .and_then(|b| b.try_into().ok())
+            .map_or(0, u64::from_ne_bytes);
         if let Some(rec) = show.recorder.as_mut() {
             rec.record(&item);
         }
@@ -620,13 +665,19 @@ fn drain_until<W: Write>(
             rec.settle(pipeline, false)?;
         }
         if quiet_stop(r)? {
-            return Ok((true, 0));
+            out.gone = true;
+            return Ok(out);
+        }
+        if matches!(budget, Budget::Through(t) if stamped > t) {
+            out.more = true;
+            break;
         }
     }
     if let Some(rec) = show.recorder.as_mut() {
         rec.settle(pipeline, true)?;
     }
-    Ok((quiet_stop(show.printer.flush())?, 0))
+    out.gone = quiet_stop(show.printer.flush())?;
+    Ok(out)
 }
 
 /// At most this many records are skipped at a stop (more than the largest ring holds).
