@@ -390,17 +390,17 @@ pub struct Correlator {
     /// Lookup ids in creation order, for shedding the oldest.
     order: VecDeque<u64>,
     /// (client, name) -> the open lookups of that client that asked that name.
-    by_name: Map<(ClientKey, u64), Vec<u64>>,
+    by_name: Map<(ClientKey, u64), Refs<u64>>,
     /// (client, first label) -> open lookups whose current name was answered negatively:
     /// where the next search expansion goes. Checked on use (a lookup may have moved on).
-    negative: Map<(ClientKey, u64), Vec<u64>>,
+    negative: Map<(ClientKey, u64), Refs<u64>>,
     /// (flow, DNS id) -> the queries sent on it, as (lookup, query index).
-    by_flow: Map<(FlowKey, u16), Vec<(u64, usize)>>,
+    by_flow: Map<(FlowKey, u16), Refs<(u64, usize)>>,
     /// (client, DNS id) -> the same queries, for a packet whose server address is not the
     /// one the query was seen with: a DNAT in the sender's own OUTPUT hook (a host-network
     /// process asking a service VIP) shows the query to the backend on the fallback send
     /// path, while its answer comes back from the VIP, and the conntrack entry says VIP.
-    by_client_id: Map<(SocketAddr, u16), Vec<(u64, usize)>>,
+    by_client_id: Map<(SocketAddr, u16), Refs<(u64, usize)>>,
     pending: VecDeque<Pending>,
     /// Lookups whose every name was answered, by the time that happened: closed once
     /// `settle_ns` has passed on the correlator's clock.
@@ -502,13 +502,7 @@ impl Correlator {
             return;
         };
         if !open.lookup.queries.iter().any(|q| q.qname == w.qname) {
-            let ids = self
-                .by_name
-                .entry((client, name_key(&w.qname)))
-                .or_default();
-            if !ids.contains(&lid) {
-                ids.push(lid);
-            }
+            index(&mut self.by_name, (client, name_key(&w.qname)), lid);
         }
         let attempt = 1 + open
             .lookup
@@ -566,20 +560,14 @@ impl Correlator {
             unanswered: false,
         });
         let flow = (d.tuple.src, d.tuple.dst);
-        self.by_flow
-            .entry((flow, w.id))
-            .or_default()
-            .push((lid, idx));
-        self.by_client_id
-            .entry((d.tuple.src, w.id))
-            .or_default()
-            .push((lid, idx));
+        index(&mut self.by_flow, (flow, w.id), (lid, idx));
+        index(&mut self.by_client_id, (d.tuple.src, w.id), (lid, idx));
         self.match_pending(flow);
     }
 
     /// A DNS answer delivered to a socket.
     pub fn on_recv(&mut self, d: &DnsEvent) {
-        let Some(w) = Wire::parse(&d.payload, d.payload_len as usize) else {
+        let Some(mut w) = Wire::parse(&d.payload, d.payload_len as usize) else {
             self.stats.undecodable += 1;
             return;
         };
@@ -623,7 +611,7 @@ impl Correlator {
             q.answer = Some(Answer {
                 ts_ns: d.ts_ns,
                 rcode: w.rcode.clone(),
-                answers: w.answers.clone(),
+                answers: std::mem::take(&mut w.answers),
                 truncated: w.truncated,
             });
             q.unanswered = false;
@@ -662,13 +650,8 @@ impl Correlator {
             o.settled = Some((d.ts_ns, outcome));
             self.settling.push_back((d.ts_ns, lid));
             if outcome == Outcome::Negative {
-                let ids = self
-                    .negative
-                    .entry((o.client, name_key(first_label(&o.lookup.name))))
-                    .or_default();
-                if !ids.contains(&lid) {
-                    ids.push(lid);
-                }
+                let key = (o.client, name_key(first_label(&o.lookup.name)));
+                index(&mut self.negative, key, lid);
             }
         }
     }
@@ -810,7 +793,7 @@ impl Correlator {
                 .by_flow
                 .iter()
                 .filter(|(((c, s), _), _)| (*c, *s) == flow || unbound(flow) == Some((*c, *s)))
-                .flat_map(|(_, v)| v.iter().copied())
+                .flat_map(|(_, v)| v.as_slice().iter().copied())
                 .collect(),
         };
         for (lid, idx) in refs {
@@ -1225,17 +1208,66 @@ impl Correlator {
     }
 }
 
+/// The values of one index key: almost always one, kept inline (no allocation per query).
+#[derive(Debug)]
+enum Refs<T> {
+    One(T),
+    Many(Vec<T>),
+}
+
+impl<T> Refs<T> {
+    fn as_slice(&self) -> &[T] {
+        match self {
+            Refs::One(v) => std::slice::from_ref(v),
+            Refs::Many(v) => v,
+        }
+    }
+}
+
+impl<'a, T> IntoIterator for &'a Refs<T> {
+    type Item = &'a T;
+    type IntoIter = std::slice::Iter<'a, T>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.as_slice().iter()
+    }
+}
+
+/// Adds `v` to the index entry `key`, once.
+fn index<K: std::hash::Hash + Eq, T: Copy + PartialEq>(map: &mut Map<K, Refs<T>>, key: K, v: T) {
+    match map.entry(key) {
+        std::collections::hash_map::Entry::Vacant(e) => {
+            e.insert(Refs::One(v));
+        }
+        std::collections::hash_map::Entry::Occupied(mut e) => {
+            let refs = e.get_mut();
+            if refs.as_slice().contains(&v) {
+                return;
+            }
+            match refs {
+                Refs::One(a) => *refs = Refs::Many(vec![*a, v]),
+                Refs::Many(all) => all.push(v),
+            }
+        }
+    }
+}
+
 /// Takes what `gone` says out of the index entry `key` (and the entry, once empty).
 fn unindex<K: std::hash::Hash + Eq, T>(
-    map: &mut Map<K, Vec<T>>,
+    map: &mut Map<K, Refs<T>>,
     key: K,
     gone: impl Fn(&T) -> bool,
 ) {
-    if let Some(refs) = map.get_mut(&key) {
-        refs.retain(|r| !gone(r));
-        if refs.is_empty() {
-            map.remove(&key);
+    let empty = match map.get_mut(&key) {
+        None => return,
+        Some(Refs::One(v)) => gone(v),
+        Some(Refs::Many(all)) => {
+            all.retain(|r| !gone(r));
+            all.is_empty()
         }
+    };
+    if empty {
+        map.remove(&key);
     }
 }
 
