@@ -180,7 +180,11 @@ fn damaged_lines_are_named_and_the_rest_is_read(dir: &Path, recorded: &str, rule
     let newer = dir.join("newer.jsonl");
     fs::write(
         &newer,
-        recorded.replacen(r#""schema":1,"#, r#""schema":99,"#, 1),
+        recorded.replacen(
+            &format!(r#""schema":{},"#, tracer::trace::SCHEMA),
+            r#""schema":99,"#,
+            1,
+        ),
     )
     .unwrap();
     let out = tracer(&["replay", "--json", p(&newer)]);
