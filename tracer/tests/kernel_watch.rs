@@ -373,30 +373,38 @@ fn clash_resolve(ns: &tracer::netns::Netns) -> u64 {
 /// A namespace made after the tracer started has no baseline, and a resolved clash drops
 /// no packet, so no event names that namespace: the poll must find it by itself. Its
 /// resolved clashes are then counted from zero, exactly as conntrack counts them.
-#[test]
-fn a_namespace_made_after_the_start_has_its_resolved_clashes_counted() {
-    require_root();
-    let run = TracerRun::start(&[]);
-    let lab = Lab::new("tn");
+/// dnsmasq in the server namespace answering `name` with 10.96.7.7, and the service VIP
+/// 10.96.0.10:53 DNATed to it in the client namespace's own OUTPUT hook (as kube-proxy does
+/// for host-network processes).
+fn vip_dnat_in_the_client(lab: &Lab, name: &str) -> Dnsmasq {
     let backend: std::net::IpAddr = SERVER_V4.parse().unwrap();
     lab.client
         .route_add(&format!("default via {backend}"))
         .unwrap();
-    let _dns = Dnsmasq::start(
+    let dns = Dnsmasq::start(
         &lab.server,
         &[backend],
         53,
-        &[(tracer::traffic::RACE_QNAME, "10.96.7.7".parse().unwrap())],
+        &[(name, "10.96.7.7".parse().unwrap())],
     )
     .unwrap();
-    // A service VIP DNATed in the client's namespace: A and AAAA sent at once from one
-    // socket race to insert the same entry, and this kernel resolves the clash.
     lab.client
         .nft(&format!(
             "table ip nat {{\n chain out {{\n  type nat hook output priority -100;\n  \
              ip daddr 10.96.0.10 udp dport 53 dnat to {backend}\n }}\n}}\n"
         ))
         .unwrap();
+    dns
+}
+
+#[test]
+fn a_namespace_made_after_the_start_has_its_resolved_clashes_counted() {
+    require_root();
+    let run = TracerRun::start(&[]);
+    let lab = Lab::new("tn");
+    // A service VIP DNATed in the client's namespace: A and AAAA sent at once from one
+    // socket race to insert the same entry, and this kernel resolves the clash.
+    let _dns = vip_dnat_in_the_client(&lab, tracer::traffic::RACE_QNAME);
     // The race is a matter of scheduling: up to 3 batches (bounded) until one clashes.
     let mut resolved = 0;
     for _ in 0..3 {
@@ -750,23 +758,7 @@ fn ring_losses_make_lookups_incomplete_never_unanswered() {
 fn a_lookup_through_a_dnat_in_the_senders_output_hook_is_answered() {
     require_root();
     let lab = Lab::new("to");
-    let backend: std::net::IpAddr = SERVER_V4.parse().unwrap();
-    lab.client
-        .route_add(&format!("default via {backend}"))
-        .unwrap();
-    let _dns = Dnsmasq::start(
-        &lab.server,
-        &[backend],
-        53,
-        &[("svc.example", "10.96.7.7".parse().unwrap())],
-    )
-    .unwrap();
-    lab.client
-        .nft(&format!(
-            "table ip nat {{\n chain out {{\n  type nat hook output priority -100;\n  \
-             ip daddr 10.96.0.10 udp dport 53 dnat to {backend}\n }}\n}}\n"
-        ))
-        .unwrap();
+    let _dns = vip_dnat_in_the_client(&lab, "svc.example");
     let _resolv = NetnsResolvConf::write(
         &lab.client,
         "nameserver 10.96.0.10\noptions timeout:2 attempts:1\n",
