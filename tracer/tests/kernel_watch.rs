@@ -639,13 +639,23 @@ fn ring_losses_make_lookups_incomplete_never_unanswered() {
     .unwrap();
     let run = TracerRun::start(&["--ring-size", "1", "--metrics", "127.0.0.1:0"]);
     let pid = run.pid();
-    // 6,000 queries at 2,000/s; the tracer is stopped for 1.5 s from the 1,000th on.
-    let (n, rate) = (6_000u32, 2_000u32);
+    // 4,000 queries; the tracer is stopped while the 3,000 from the 500th leave: 6,000
+    // records, where the 1 MiB ring holds ~3,970 of them. 2,000 queries/s here; in the
+    // emulated guest (`TRACER_TEST_TIME_SCALE` > 1) dnsmasq answers only ~550/s with the
+    // tracer attached (measured), so 250/s there.
+    let (n, rate) = (
+        4_000u32,
+        if bound(1).as_secs() > 1 {
+            250
+        } else {
+            2_000u32
+        },
+    );
     let server: std::net::SocketAddr = format!("{SERVER_V4}:53").parse().unwrap();
     let answered = tracer::traffic::in_netns(&lab.client.path(), || {
         paced_queries(server, n, rate, 8, |i| match i {
-            1_000 => signal(pid, libc::SIGSTOP),
-            4_000 => signal(pid, libc::SIGCONT),
+            500 => signal(pid, libc::SIGSTOP),
+            3_500 => signal(pid, libc::SIGCONT),
             _ => {}
         })
     })

@@ -940,7 +940,7 @@ fn nanos(d: Duration) -> u64 {
 }
 
 /// CLOCK_MONOTONIC in ns: one clock for every process on the machine.
-fn mono_ns() -> u64 {
+pub(crate) fn mono_ns() -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
@@ -953,12 +953,13 @@ fn mono_ns() -> u64 {
 }
 
 /// Sleeps until CLOCK_MONOTONIC reaches `t_ns` (returns at once if it has).
-fn sleep_until(t_ns: u64) {
+pub(crate) fn sleep_until(t_ns: u64) {
     let ts = libc::timespec {
         tv_sec: (t_ns / 1_000_000_000) as libc::time_t,
         tv_nsec: (t_ns % 1_000_000_000) as libc::c_long,
     };
-    loop {
+    // Interruptions only (bounded): each retry is for the same absolute instant.
+    for _ in 0..1000 {
         // SAFETY: valid timespec; no remainder is needed with TIMER_ABSTIME.
         let rc = unsafe {
             libc::clock_nanosleep(

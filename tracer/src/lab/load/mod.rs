@@ -134,41 +134,9 @@ fn child_prologue(name: &'static [u8], cpu: Option<usize>) -> Result<Option<usiz
     Ok(Some(cpu))
 }
 
-/// CLOCK_MONOTONIC in ns: one clock for every process on the machine.
-pub(crate) fn mono_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: valid pointer; CLOCK_MONOTONIC always exists.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    (ts.tv_sec as u64)
-        .saturating_mul(1_000_000_000)
-        .saturating_add(ts.tv_nsec as u64)
-}
-
-/// Sleeps until CLOCK_MONOTONIC reaches `t_ns` (returns at once if it has).
-fn sleep_until(t_ns: u64) {
-    let ts = libc::timespec {
-        tv_sec: (t_ns / 1_000_000_000) as libc::time_t,
-        tv_nsec: (t_ns % 1_000_000_000) as libc::c_long,
-    };
-    // Interruptions only: each retry is for the same absolute instant.
-    for _ in 0..1000 {
-        // SAFETY: valid timespec; no remainder is needed with TIMER_ABSTIME.
-        let rc = unsafe {
-            libc::clock_nanosleep(
-                libc::CLOCK_MONOTONIC,
-                libc::TIMER_ABSTIME,
-                &ts,
-                std::ptr::null_mut(),
-            )
-        };
-        if rc != libc::EINTR {
-            return;
-        }
-    }
-}
+/// One clock for every process on the machine, and sleeping to an instant of it: the
+/// lab's clients' own.
+pub(crate) use super::client::{mono_ns, sleep_until};
 
 /// Lines read from a pipe (stdin, a child's stdout) with a bound on every wait; the
 /// bytes after a line stay buffered for the next call.
