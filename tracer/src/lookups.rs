@@ -322,6 +322,26 @@ struct Open {
     /// (address the socket said, server) -> the routed client address a packet of that
     /// flow carried, for queries sent before their socket had an address ([`unbound`]).
     routed: Vec<(FlowKey, SocketAddr)>,
+    /// The last `sendmmsg` batch seen: its socket and how many of its messages have not
+    /// been seen yet. A thread preempted inside `sendmmsg` can send the AAAA well after the
+    /// A was answered; the lookup waits up to [`BATCH_WAIT_NS`] for it instead of settling.
+    batch: Option<(u64, u32)>,
+}
+
+/// How long a settled lookup waits for the rest of its `sendmmsg` batch.
+const BATCH_WAIT_NS: u64 = SEC;
+
+impl Open {
+    /// When a lookup settled at `t` closes: `settle_ns` later, or [`BATCH_WAIT_NS`] later
+    /// while a message of its last `sendmmsg` batch is still to come.
+    fn settle_due(&self, t: u64, cfg: &Config) -> u64 {
+        let wait = if self.batch.is_some_and(|(_, left)| left > 0) {
+            BATCH_WAIT_NS.max(cfg.settle_ns)
+        } else {
+            cfg.settle_ns
+        };
+        t.saturating_add(wait)
+    }
 }
 
 /// A fate whose query has not been seen yet (events from another CPU can come first).
@@ -404,7 +424,8 @@ pub struct Correlator {
     pending: VecDeque<Pending>,
     /// Lookups whose every name was answered, by the time that happened: closed once
     /// `settle_ns` has passed on the correlator's clock.
-    settling: VecDeque<(u64, u64)>,
+    /// (when it is due, when it settled, lookup).
+    settling: VecDeque<(u64, u64, u64)>,
     /// The latest time seen in an event or a tick.
     clock_ns: u64,
     /// The time of the previous `tick` (the previous counter reading).
@@ -542,6 +563,14 @@ impl Correlator {
             }
         }
         open.settled = None;
+        if d.batch && d.batch_len > 0 {
+            open.batch = match open.batch {
+                Some((cookie, left)) if cookie == d.sock_cookie && left > 0 => {
+                    Some((cookie, left - 1))
+                }
+                _ => Some((d.sock_cookie, d.batch_len - 1)),
+            };
+        }
         open.last_ns = open.last_ns.max(d.ts_ns);
         let idx = open.lookup.queries.len();
         open.lookup.queries.push(Query {
@@ -648,7 +677,8 @@ impl Correlator {
         };
         if let Some(o) = self.open.get_mut(&lid) {
             o.settled = Some((d.ts_ns, outcome));
-            self.settling.push_back((d.ts_ns, lid));
+            let due = o.settle_due(d.ts_ns, &self.cfg);
+            self.settling.push_back((due, d.ts_ns, lid));
             if outcome == Outcome::Negative {
                 let key = (o.client, name_key(first_label(&o.lookup.name)));
                 index(&mut self.negative, key, lid);
@@ -661,8 +691,8 @@ impl Correlator {
     /// pile up until the next tick.
     fn advance(&mut self, ts_ns: u64) {
         self.clock_ns = self.clock_ns.max(ts_ns);
-        while let Some(&(t, lid)) = self.settling.front() {
-            if self.clock_ns.saturating_sub(t) < self.cfg.settle_ns {
+        while let Some(&(due, t, lid)) = self.settling.front() {
+            if self.clock_ns < due {
                 break;
             }
             self.settling.pop_front();
@@ -978,6 +1008,7 @@ impl Correlator {
                 last_ns: d.ts_ns,
                 settled: None,
                 routed: Vec::new(),
+                batch: None,
             },
         );
         self.order.push_back(lid);
@@ -1005,7 +1036,7 @@ impl Correlator {
                 }
             }
             if let Some((t, outcome)) = o.settled {
-                if now_ns.saturating_sub(t) >= self.cfg.settle_ns {
+                if now_ns >= o.settle_due(t, &self.cfg) {
                     to_close.push((*lid, t, outcome));
                     continue;
                 }

@@ -896,3 +896,36 @@ fn a_query_dnated_in_the_senders_own_output_hook_still_meets_its_answer_and_fate
     );
     assert_eq!(s.c.stats.unmatched_answers, 0);
 }
+
+#[test]
+fn a_sendmmsg_batch_split_by_preemption_stays_one_lookup() {
+    // glibc's A and AAAA in one sendmmsg; the thread is preempted after the A, whose answer
+    // comes back; the AAAA leaves 300 ms later, while another client's traffic moves the
+    // clock on.
+    let mut s = Stream::new();
+    let a = s.send(0, 40000, 9, 1, "svc.example", QTYPE_A, true);
+    s.answer(MS, 40000, &a, 0, true);
+    let _ = s.send(200 * MS, 40001, 10, 7, "other.example", QTYPE_A, false);
+    let aaaa = s.send(300 * MS, 40000, 9, 2, "svc.example", QTYPE_AAAA, true);
+    s.answer(301 * MS, 40000, &aaaa, 0, true);
+    let done: Vec<Lookup> = s
+        .done(5 * S)
+        .into_iter()
+        .filter(|l| l.name == "svc.example")
+        .collect();
+    assert_eq!(done.len(), 1, "{done:#?}");
+    assert_eq!(done[0].queries.len(), 2);
+    assert_eq!(done[0].outcome, Outcome::Answered);
+    // Without a batch, an A answered and settled is a lookup of its own.
+    let mut s = Stream::new();
+    let a = s.send(0, 40000, 9, 1, "svc.example", QTYPE_A, false);
+    s.answer(MS, 40000, &a, 0, true);
+    let _ = s.send(200 * MS, 40001, 10, 7, "other.example", QTYPE_A, false);
+    assert_eq!(
+        s.c.take_done()
+            .iter()
+            .filter(|l| l.name == "svc.example")
+            .count(),
+        1
+    );
+}
