@@ -151,7 +151,11 @@ impl Pipeline {
                      the per-packet events of these may be among them)"
                 ));
             }
-            self.correlator.on_counter_finding(&f);
+            // A counter-only clash is placed on the pairs seen in flight only when none
+            // could be missing: with records lost, a pair not seen may be the one.
+            if lost == 0 {
+                self.correlator.on_counter_finding(&f);
+            }
             sink(Item::Finding {
                 finding: &f,
                 workload: None,
