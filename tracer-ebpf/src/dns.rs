@@ -138,9 +138,63 @@ fn skb_socket(ctx: &SkBuffContext) -> (u64, u64) {
     }
 }
 
+/// Which port of a datagram says it is DNS: the destination of a send, the source of an
+/// answer.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Side {
+    Dst,
+    Src,
+}
+
+/// The first look every packet of every cgroup on the node gets, so it must cost next to
+/// nothing: with direct packet access and no copies, is this a UDP datagram whose port (on
+/// `side`) is in the DNS port set? `false` only when it is certainly not one; headers that
+/// are not all in the linear data get `true` and the full parse ([`skb_parse`]) decides. (A non-first fragment's "ports"
+/// are payload bytes: if they look like ours, the full parse rejects the fragment.)
+#[inline(always)]
+fn skb_maybe_dns(ctx: &SkBuffContext, side: Side) -> bool {
+    let skb = ctx.skb.skb;
+    // SAFETY: `data`/`data_end` are context fields the verifier turns into packet pointers.
+    let (data, end) = unsafe { ((*skb).data as usize, (*skb).data_end as usize) };
+    // Bounds are checked as `pointer + constant > end`, the form the verifier learns a
+    // packet range from (LLVM turns `data + 1 > end` into `data >= end`, which it does not).
+    // 24 bytes: an option-less IPv4 header and the ports; anything shorter is not UDP with
+    // ports in its linear data, and the full parse decides.
+    if data + 24 > end {
+        return true;
+    }
+    // SAFETY: [data, data + 24) lies inside the packet's linear data (checked above).
+    let b0 = unsafe { *(data as *const u8) };
+    // `l4`: where the transport header starts (IPv4 options included; the full parse
+    // rejects IPv6 extension headers, so a next header that is not UDP is not ours).
+    let (proto, l4) = match b0 >> 4 {
+        // SAFETY: 9 < 24.
+        4 => (
+            unsafe { *((data + 9) as *const u8) },
+            usize::from(b0 & 0x0f) * 4,
+        ),
+        // SAFETY: 6 < 24.
+        6 => (unsafe { *((data + 6) as *const u8) }, 40),
+        _ => return false,
+    };
+    if proto != IPPROTO_UDP || l4 < 20 {
+        return false; // not UDP, or a broken IPv4 header the full parse rejects too
+    }
+    let ports = data + l4;
+    if ports + 4 > end {
+        return true;
+    }
+    let at = ports + if side == Side::Dst { 2 } else { 0 };
+    // SAFETY: at + 2 <= ports + 4 <= end.
+    let port = unsafe { u16::from_be_bytes([*(at as *const u8), *((at + 1) as *const u8)]) };
+    port_wanted(port)
+}
+
 #[cgroup_skb(egress)]
 pub fn dns_egress(ctx: SkBuffContext) -> i32 {
-    try_dns_egress(&ctx);
+    if skb_maybe_dns(&ctx, Side::Dst) {
+        try_dns_egress(&ctx);
+    }
     1 // never drop: we only observe
 }
 
@@ -186,7 +240,9 @@ fn egress_emit<const N: usize>(
 
 #[cgroup_skb(ingress)]
 pub fn dns_ingress(ctx: SkBuffContext) -> i32 {
-    try_dns_ingress(&ctx);
+    if skb_maybe_dns(&ctx, Side::Src) {
+        try_dns_ingress(&ctx);
+    }
     1
 }
 
@@ -330,15 +386,30 @@ fn sock_cookie(ctx: &FEntryContext) -> u64 {
     unsafe { bpf_get_socket_cookie(sk) }
 }
 
+/// The destination port of a send (`msg_name`'s when given, else the connected peer's),
+/// read with as few kernel reads as possible: every UDP send on the node pays for them.
+#[inline(always)]
+fn send_dport(sk: *const u8, msg: *const u8, v6: bool) -> u16 {
+    let family = if v6 { AF_INET6 } else { AF_INET };
+    if let Ok(n) = read_ptr(msg, off!(msg_name)) {
+        // sockaddr_in / sockaddr_in6 are uapi: family (host order) at 0, port at 2.
+        let head: [u8; 4] = read(n, 0).unwrap_or([0; 4]);
+        if u16::from_ne_bytes([head[0], head[1]]) == u16::from(family) {
+            return u16::from_be_bytes([head[2], head[3]]);
+        }
+    }
+    u16::from_be(read(sk, off!(sk_dport)).unwrap_or(0))
+}
+
 #[inline(always)]
 fn try_fentry_send(ctx: &FEntryContext, v6: bool, source: SourceId) {
     let sk: *const u8 = ctx.arg(0);
     let msg: *const u8 = ctx.arg(1);
     let len: usize = ctx.arg(2);
-    let tuple = send_tuple(sk, msg, v6);
-    if !port_wanted(tuple.dport) {
+    if !port_wanted(send_dport(sk, msg, v6)) {
         return;
     }
+    let tuple = send_tuple(sk, msg, v6);
     if fits_small(len) {
         fentry_send_emit::<DNS_PAYLOAD_SMALL>(ctx, sk, msg, len, tuple, source);
     } else {
@@ -389,10 +460,29 @@ pub fn dns_skb_consume_udp(ctx: FEntryContext) -> i32 {
     0
 }
 
+/// The source port of a received datagram, from its UDP header (`skb->head +
+/// skb->transport_header`), in three kernel reads: every UDP datagram read on the node pays
+/// for them. `None` when it can not be read (the full parse then decides).
+#[inline(always)]
+fn recv_sport(skb: *const u8) -> Option<u16> {
+    let head: *const u8 = read(skb, off!(skb_head)).ok()?;
+    let th: u16 = read(skb, off!(skb_transport_header)).ok()?;
+    if head.is_null() || th == u16::MAX {
+        return None;
+    }
+    let port: [u8; 2] = read(head.wrapping_add(usize::from(th)), 0).ok()?;
+    Some(u16::from_be_bytes(port))
+}
+
 #[inline(always)]
 fn try_consume(ctx: &FEntryContext) {
     let sk: *const u8 = ctx.arg(0);
     let skb: *const u8 = ctx.arg(1);
+    if let Some(port) = recv_sport(skb) {
+        if !port_wanted(port) {
+            return;
+        }
+    }
     let Some((l4, ip)) = skb_l4(skb) else { return };
     if l4.tuple.proto != IPPROTO_UDP || !port_wanted(l4.tuple.sport) {
         return;
