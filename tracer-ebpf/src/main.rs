@@ -8,6 +8,7 @@
 #![no_main]
 
 mod dns;
+mod floor;
 mod kernel;
 mod netfilter;
 

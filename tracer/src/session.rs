@@ -174,6 +174,58 @@ impl Session {
     }
 }
 
+/// Loads the object and attaches only its programs that do nothing (`floor_*`), where the
+/// DNS programs attach: fentry on `udp_sendmsg` and `skb_consume_udp` where the kernel
+/// allows it, else cgroup_skb egress and ingress on the cgroup v2 root; and tp_btf
+/// `kfree_skb`. For `cargo xtask bench-filter` to measure ours against. Attached while
+/// the returned object lives.
+pub fn attach_floor(cgroup: Option<&Path>) -> anyhow::Result<Ebpf> {
+    use std::os::fd::AsFd as _;
+
+    use aya::programs::{BtfTracePoint, CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, FEntry};
+
+    preflight::check_privileges()?;
+    let root = File::open(preflight::cgroup_root(cgroup)?).context("opening the cgroup root")?;
+    bump_memlock_rlimit();
+    let btf = Btf::from_sys_fs().context("reading the kernel's BTF")?;
+    let mut ebpf = EbpfLoader::new()
+        .btf(Some(&btf))
+        .map_max_entries("EVENTS", 4096)
+        .load(OBJECT)
+        .context("loading the eBPF object")?;
+    let fentry = |ebpf: &mut Ebpf, name: &str, function: &str| -> anyhow::Result<()> {
+        let p: &mut FEntry = ebpf.program_mut(name).context("missing")?.try_into()?;
+        p.load(function, &btf)?;
+        p.attach()?;
+        Ok(())
+    };
+    let precise = fentry(&mut ebpf, "floor_udp_sendmsg", "udp_sendmsg")
+        .and_then(|()| fentry(&mut ebpf, "floor_skb_consume_udp", "skb_consume_udp"));
+    if let Err(e) = precise {
+        log::debug!("no fentry floor ({e:#}): the cgroup_skb one");
+        for (name, ty) in [
+            ("floor_egress", CgroupSkbAttachType::Egress),
+            ("floor_ingress", CgroupSkbAttachType::Ingress),
+        ] {
+            let p: &mut CgroupSkb = ebpf
+                .program_mut(name)
+                .with_context(|| format!("{name} missing from the object"))?
+                .try_into()?;
+            p.load().with_context(|| format!("loading {name}"))?;
+            p.attach(root.as_fd(), ty, CgroupAttachMode::Single)
+                .with_context(|| format!("attaching {name}"))?;
+        }
+    }
+    let p: &mut BtfTracePoint = ebpf
+        .program_mut("floor_kfree_skb")
+        .context("floor_kfree_skb missing from the object")?
+        .try_into()?;
+    p.load("kfree_skb", &btf)
+        .context("loading floor_kfree_skb")?;
+    p.attach().context("attaching floor_kfree_skb")?;
+    Ok(ebpf)
+}
+
 /// `16 MiB`, `512 KiB`: a ring size as people write it.
 pub fn ring_size_text(bytes: u32) -> String {
     if bytes >= 1 << 20 && bytes.is_multiple_of(1 << 20) {

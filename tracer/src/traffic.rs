@@ -101,7 +101,7 @@ pub fn in_netns<T: Send>(netns: &Path, f: impl FnOnce() -> T + Send) -> Result<T
 }
 
 /// Like [`in_netns`] but not joined: the thread keeps running (for servers).
-fn spawn_in_netns<T: Send + 'static>(
+pub(crate) fn spawn_in_netns<T: Send + 'static>(
     netns: &Path,
     name: &str,
     f: impl FnOnce() -> T + Send + 'static,

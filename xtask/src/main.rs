@@ -64,15 +64,30 @@ enum Verb {
         #[arg(last = true)]
         args: Vec<String>,
     },
-    /// Measure the kernel-side port filter: UDP send rate to a non-DNS port with the tracer
-    /// attached vs detached, alternating in one run (root).
+    /// Measure what staying attached costs a node's traffic: UDP echo on loopback and over
+    /// a veth pair, a TCP stream, a TCP connect/close loop and DNS, each detached, with
+    /// programs that do nothing (the floor) and with the tracer attached, in rotating order
+    /// per round; then each program's runs per operation and ns per run from the kernel's
+    /// BPF statistics (root, bpftool).
     BenchFilter {
         /// Length of each measuring window, in seconds.
         #[arg(long, default_value_t = 2.0, value_parser = parse_seconds)]
         seconds: f64,
-        /// Detached/attached pairs.
-        #[arg(long, default_value_t = 12, value_parser = clap::value_parser!(u32).range(1..=100))]
+        /// Rounds (one window of each way) per workload.
+        #[arg(long, default_value_t = 6, value_parser = clap::value_parser!(u32).range(1..=100))]
         rounds: u32,
+        /// Workloads, comma-separated.
+        #[arg(long, value_delimiter = ',', default_values = bench::WORKLOADS, value_parser = clap::builder::PossibleValuesParser::new(bench::WORKLOADS))]
+        workloads: Vec<String>,
+        /// Use this tracer binary instead of building the release one (e.g. inside the
+        /// guest: `cargo xtask vm-test -- target/debug/xtask bench-filter --tracer
+        /// target/release/tracer`).
+        #[arg(long)]
+        tracer: Option<std::path::PathBuf>,
+        /// Also measure this build's `tracer watch` in every round (a before/after in one
+        /// run, e.g. a build of an earlier commit).
+        #[arg(long)]
+        baseline: Option<std::path::PathBuf>,
     },
     /// Measure `tracer watch --json` under real DNS load: queries through real conntrack in
     /// throwaway network namespaces at set rates (one process with 64 sockets, or 200 pods
@@ -172,7 +187,25 @@ fn main() -> ExitCode {
         Verb::Lint => lint::run(&ws),
         Verb::Watch { args } => watch::run(&ws, &args),
         Verb::Demo { args } => watch::demo(&ws, &args),
-        Verb::BenchFilter { seconds, rounds } => bench::run(&ws, &bench::Args { seconds, rounds }),
+        Verb::BenchFilter {
+            seconds,
+            rounds,
+            workloads,
+            tracer,
+            baseline,
+        } => bench::run(
+            &ws,
+            &bench::Args {
+                seconds,
+                rounds,
+                workloads: workloads
+                    .iter()
+                    .filter_map(|w| bench::WORKLOADS.iter().find(|k| **k == w.as_str()).copied())
+                    .collect(),
+                tracer,
+                baseline,
+            },
+        ),
         Verb::BenchPipeline { args } => bench_pipeline::run(&ws, &args),
         Verb::BenchLoad {
             rates,

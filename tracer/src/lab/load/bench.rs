@@ -368,35 +368,22 @@ impl Bench<'_> {
 /// main thread can not run then. Must run before any other thread exists, so that every
 /// thread inherits the mask.
 fn cleanup_on_signal() -> Result<()> {
-    // SAFETY: sigset_t is plain data initialized by sigemptyset; pthread_sigmask and
-    // sigwait only read it.
-    unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, libc::SIGINT);
-        libc::sigaddset(&mut set, libc::SIGTERM);
-        ensure!(
-            libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) == 0,
-            "blocking SIGINT/SIGTERM"
-        );
-        std::thread::Builder::new()
-            .name("bench-signals".into())
-            .spawn(move || {
-                let mut sig = 0;
-                if libc::sigwait(&set, &mut sig) == 0 {
-                    eprintln!("load-gen bench: signal {sig}: removing the bench's namespaces");
-                    let ns = netns::remove_own(PREFIX);
-                    let cg = crate::lab::kubepods::remove_own();
-                    let _ = fs::remove_dir_all(WorkDir::path_for(std::process::id()));
-                    eprintln!(
-                        "load-gen bench: removed {} namespaces and {} pod cgroup trees",
-                        ns.len(),
-                        cg.len()
-                    );
-                    std::process::exit(128 + sig);
-                }
-            })?;
-    }
+    let set = super::blocked_stop_signals()?;
+    std::thread::Builder::new()
+        .name("bench-signals".into())
+        .spawn(move || {
+            let sig = super::wait_signal(&set);
+            eprintln!("load-gen bench: signal {sig}: removing the bench's namespaces");
+            let ns = netns::remove_own(PREFIX);
+            let cg = crate::lab::kubepods::remove_own();
+            let _ = fs::remove_dir_all(WorkDir::path_for(std::process::id()));
+            eprintln!(
+                "load-gen bench: removed {} namespaces and {} pod cgroup trees",
+                ns.len(),
+                cg.len()
+            );
+            std::process::exit(128 + sig);
+        })?;
     Ok(())
 }
 
@@ -411,15 +398,7 @@ fn print_json(v: &impl Serialize) -> Result<()> {
 /// `tracer load-gen bench`.
 pub fn run(a: &BenchArgs) -> Result<()> {
     cleanup_on_signal()?;
-    // SAFETY: plain prctl/getppid calls with integer arguments.
-    unsafe {
-        let parent = libc::getppid();
-        ensure!(
-            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM as libc::c_ulong) == 0,
-            "prctl(PR_SET_PDEATHSIG)"
-        );
-        ensure!(libc::getppid() == parent, "the parent is gone");
-    }
+    super::die_with_parent(libc::SIGTERM)?;
     let started = Instant::now();
     let work = WorkDir::create()?;
     let bin = std::env::current_exe().context("finding this executable")?;

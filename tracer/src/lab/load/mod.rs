@@ -20,6 +20,7 @@
 
 pub mod bench;
 pub mod blast;
+pub mod cost;
 pub mod net;
 pub mod pod;
 pub mod responder;
@@ -65,6 +66,10 @@ pub enum LoadGenMode {
     Blast(blast::BlastArgs),
     /// Shape pods: one pod's glibc-style lookups.
     Pod(pod::PodArgs),
+    /// `cargo xtask bench-filter`'s namespaces and workloads, run on command from stdin.
+    Cost(cost::CostArgs),
+    /// Attach programs that do nothing where the fallback programs attach, until SIGINT.
+    Floor(cost::FloorArgs),
 }
 
 /// Runs `tracer load-gen <mode>`.
@@ -74,6 +79,8 @@ pub fn run(cmd: LoadGenCmd) -> Result<()> {
         LoadGenMode::Responder(a) => responder::run(&a),
         LoadGenMode::Blast(a) => blast::run(&a),
         LoadGenMode::Pod(a) => pod::run(&a),
+        LoadGenMode::Cost(a) => cost::run(&a),
+        LoadGenMode::Floor(a) => cost::floor(&a),
     }
 }
 
@@ -94,6 +101,45 @@ pub(crate) fn parse_seconds(s: &str) -> Result<u32, String> {
         Ok(v) if (1..=MAX_SECONDS).contains(&v) => Ok(v),
         _ => Err(format!("'{s}': expected seconds from 1 to {MAX_SECONDS}")),
     }
+}
+
+/// Blocks SIGINT and SIGTERM for this thread and the threads it starts after, so that one
+/// thread can take them with [`wait_signal`]; returns the set.
+pub(crate) fn blocked_stop_signals() -> Result<libc::sigset_t> {
+    // SAFETY: sigset_t is plain data initialized by sigemptyset; pthread_sigmask reads it.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        ensure!(
+            libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) == 0,
+            "blocking SIGINT/SIGTERM"
+        );
+        Ok(set)
+    }
+}
+
+/// Waits for one of the signals of `set` (blocked by [`blocked_stop_signals`]); returns it.
+pub(crate) fn wait_signal(set: &libc::sigset_t) -> i32 {
+    let mut sig = 0;
+    // SAFETY: `set` is an initialized signal set; sigwait writes `sig`.
+    while unsafe { libc::sigwait(set, &mut sig) } != 0 {}
+    sig
+}
+
+/// Asks for `sig` when the parent dies, and fails if it is already gone.
+pub(crate) fn die_with_parent(sig: i32) -> Result<()> {
+    // SAFETY: plain prctl/getppid calls with integer arguments.
+    unsafe {
+        let parent = libc::getppid();
+        ensure!(
+            libc::prctl(libc::PR_SET_PDEATHSIG, sig as libc::c_ulong) == 0,
+            "prctl(PR_SET_PDEATHSIG)"
+        );
+        ensure!(libc::getppid() == parent, "the parent is gone");
+    }
+    Ok(())
 }
 
 /// What every child does first: die with its parent (SIGKILL), take a name of its own for
