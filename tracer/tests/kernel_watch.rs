@@ -806,3 +806,135 @@ fn a_lookup_through_a_dnat_in_the_senders_output_hook_is_answered() {
         "{l}"
     );
 }
+
+/// A cgroup made by the test below an existing one, removed on drop (its processes have
+/// exited by then: every command run in it is waited for).
+struct LateCgroup(std::path::PathBuf);
+
+impl LateCgroup {
+    fn create(path: std::path::PathBuf) -> LateCgroup {
+        std::fs::create_dir(&path).unwrap();
+        LateCgroup(path)
+    }
+
+    /// Makes `cmd` join this cgroup between fork and exec.
+    fn enter(&self, cmd: &mut Command) {
+        use std::os::unix::{ffi::OsStrExt as _, process::CommandExt as _};
+        let procs =
+            std::ffi::CString::new(self.0.join("cgroup.procs").as_os_str().as_bytes()).unwrap();
+        // SAFETY: open/write/close are async-signal-safe; `procs` was allocated before the
+        // fork and is only read.
+        unsafe {
+            cmd.pre_exec(move || {
+                let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+                if fd < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                let n = libc::write(fd, b"0".as_ptr().cast(), 1);
+                let err = (n != 1).then(std::io::Error::last_os_error);
+                libc::close(fd);
+                err.map_or(Ok(()), Err)
+            });
+        }
+    }
+}
+
+impl Drop for LateCgroup {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
+/// `--cgroup` on the pods' subtree (what docs/deploy.md offers to spare the node's own
+/// traffic on the fallback path): a pod that existed before the tracer attached and a pod
+/// cgroup made after it are both seen; a process outside the subtree is not seen by the
+/// cgroup_skb fallback (the precise path's fentry programs see every socket).
+#[test]
+fn attached_to_the_pods_subtree_it_sees_pods_made_later_and_not_the_rest() {
+    use tracer::lab::kubepods::{LabPodCgroups, Layout, PodSpec};
+
+    require_root();
+    let lab = Lab::new("tsub");
+    let _dns = Dnsmasq::start(
+        &lab.server,
+        &Lab::server_ips(),
+        53,
+        &[("test.example", "10.77.0.99".parse().unwrap())],
+    )
+    .unwrap();
+    let _resolv = NetnsResolvConf::write(
+        &lab.client,
+        &format!("nameserver {SERVER_V4}\noptions timeout:2 attempts:1\n"),
+    );
+    let pods = LabPodCgroups::create(&[PodSpec::new("default", "early", Layout::Systemd)]).unwrap();
+    let kubepods = pods.top().join("kubepods.slice");
+    assert!(
+        kubepods.is_dir(),
+        "{} is not a directory",
+        kubepods.display()
+    );
+    let run = TracerRun::start(&["--cgroup", kubepods.to_str().unwrap()]);
+    // Made after the tracer attached; dropped before `pods` (declared after it).
+    let late = LateCgroup::create(kubepods.join("kubepods-podlate.slice"));
+
+    let lookup = |enter: &dyn Fn(&mut Command)| -> u32 {
+        let mut cmd = lab.client.command("getent");
+        cmd.args(["ahosts", "test.example"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        enter(&mut cmd);
+        let child = cmd.spawn().unwrap();
+        let pid = child.id();
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success() && String::from_utf8_lossy(&out.stdout).contains("10.77.0.99"),
+            "getent failed: {out:?}"
+        );
+        pid
+    };
+    let early = pods.pod("early").unwrap();
+    let in_early = lookup(&|c| early.enter(c));
+    let in_late = lookup(&|c| late.enter(c));
+    let outside = lookup(&|_| ());
+    let events = run.stop();
+
+    let sends_of = |pid: u32| {
+        of_type(&events, "dns_send")
+            .into_iter()
+            .filter(|e| e["pid"] == pid)
+            .count()
+    };
+    let recvs_of = |pid: u32| {
+        of_type(&events, "dns_recv")
+            .into_iter()
+            .filter(|e| e["pid"] == pid)
+            .count()
+    };
+    // getent asks for A and AAAA (one sendmmsg) and gets both answers.
+    for (what, pid) in [
+        ("the pod made before", in_early),
+        ("the pod made after", in_late),
+    ] {
+        assert_eq!(
+            sends_of(pid),
+            2,
+            "queries of {what} the tracer attached (pid {pid})"
+        );
+        assert_eq!(
+            recvs_of(pid),
+            2,
+            "answers to {what} the tracer attached (pid {pid})"
+        );
+    }
+    let expect_outside = if trampolines() { 2 } else { 0 };
+    assert_eq!(
+        sends_of(outside),
+        expect_outside,
+        "queries of a process outside the subtree (pid {outside})"
+    );
+    assert_eq!(
+        recvs_of(outside),
+        expect_outside,
+        "answers to a process outside the subtree (pid {outside})"
+    );
+}
