@@ -37,6 +37,7 @@ fn verdict(report: &Value, name: &str) -> u64 {
 /// `tracer lab ARGS --json` with the live stream: the findings, then the report.
 fn lab_stream(args: &[&str]) -> (Vec<Value>, Value) {
     require_root();
+    let before = Baseline::take();
     let out = Command::new(TRACER)
         .arg("lab")
         .args(args)
@@ -53,8 +54,8 @@ fn lab_stream(args: &[&str]) -> (Vec<Value>, Value) {
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
     let report = lines.last().cloned().expect("no report");
-    assert_eq!(report["type"], "lab_report");
-    assert_no_leftovers();
+    assert_lab_report(&report);
+    assert_no_leftovers(&before);
     (
         lines
             .into_iter()
@@ -496,6 +497,7 @@ fn unassured_entries_are_evicted_and_new_flows_pass() {
 #[test]
 fn live_stream_carries_findings() {
     require_root();
+    let before = Baseline::take();
     let out = Command::new(TRACER)
         .args(["lab", "table-full", "--rounds", "3", "--json"])
         .output()
@@ -520,12 +522,13 @@ fn live_stream_carries_findings() {
         );
         assert!(!f["explanation"].as_str().unwrap().is_empty());
     }
-    assert_no_leftovers();
+    assert_no_leftovers(&before);
 }
 
 #[test]
 fn ctrl_c_mid_run_leaves_nothing_behind() {
     require_root();
+    let before = Baseline::take();
     let mut child = Command::new(TRACER)
         .args(["lab", "snat-race", "--rounds", "100000", "--quiet"])
         .stdout(Stdio::null())
@@ -546,7 +549,7 @@ fn ctrl_c_mid_run_leaves_nothing_behind() {
         panic!("lab did not stop within 30 s of SIGINT")
     });
     assert_eq!(status.code(), Some(128 + libc::SIGINT), "{status}");
-    assert_no_leftovers();
+    assert_no_leftovers(&before);
 }
 
 #[test]
@@ -586,7 +589,7 @@ fn watch_metrics_count_the_findings_a_lab_run_provokes() {
     require_root();
     const ADDR: &str = "127.0.0.1:19464";
     let watch = TracerRun::start(&["--metrics", ADDR]);
-    let r = lab_checked(&["table-full", "--rounds", "5"], false);
+    let r = lab(&["table-full", "--rounds", "5"]);
     let netns = node(&r)["netns"].as_u64().unwrap().to_string();
     assert_eq!(counter(&r, "drop"), 5);
     // The watcher sees the same drops as the lab's own tracer; give it a moment to read them.
@@ -662,17 +665,14 @@ fn watch_metrics_count_each_pods_lookups_verdicts_and_retries() {
     require_root();
     const ADDR: &str = "127.0.0.1:19465";
     let watch = TracerRun::start(&["--metrics", ADDR]);
-    let r = lab_checked(
-        &[
-            "dns-race",
-            "--client",
-            "glibc",
-            "--rounds",
-            "2",
-            "--lose-first-aaaa",
-        ],
-        false,
-    );
+    let r = lab(&[
+        "dns-race",
+        "--client",
+        "glibc",
+        "--rounds",
+        "2",
+        "--lose-first-aaaa",
+    ]);
     // The watcher reads the node's real /var/log/pods, where the lab's pods are not: it
     // names them by the UID from their cgroup path.
     let uid = lookups(&r)[0]["workload"]["uid"]
@@ -736,6 +736,7 @@ fn watch_metrics_count_each_pods_lookups_verdicts_and_retries() {
 #[test]
 fn the_live_text_stream_shows_the_lookups_timeline() {
     require_root();
+    let before = Baseline::take();
     let out = Command::new(TRACER)
         .args([
             "lab",
@@ -790,5 +791,5 @@ fn the_live_text_stream_shows_the_lookups_timeline() {
         !stdout.contains('\x1b'),
         "no colour when stdout is not a terminal"
     );
-    assert_no_leftovers();
+    assert_no_leftovers(&before);
 }
