@@ -40,6 +40,30 @@ pub fn bound(secs: u64) -> Duration {
     Duration::from_secs(secs * scale.max(1))
 }
 
+/// For a test this machine truly can not run (never for a missing tool `cargo xtask setup`
+/// installs, nor for a missing privilege: those fail). Says so loudly and records
+/// `SKIPPED: <binary>::<test>: <reason>` in `$TRACER_TEST_SKIPS`, which both tiers of
+/// `cargo xtask test` collect, count and print; the caller then returns.
+pub fn skip(reason: &str) {
+    use std::io::Write as _;
+    let thread = std::thread::current();
+    let line = format!(
+        "SKIPPED: {}::{}: {reason}",
+        env!("CARGO_CRATE_NAME"),
+        thread.name().unwrap_or("?")
+    );
+    eprintln!("{line}");
+    println!("{line}");
+    if let Some(path) = std::env::var_os("TRACER_TEST_SKIPS") {
+        let mut f = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .unwrap_or_else(|e| panic!("{}: {e}", Path::new(&path).display()));
+        writeln!(f, "{line}").unwrap();
+    }
+}
+
 /// Panics unless root: these tests load programs into the running kernel.
 pub fn require_root() {
     assert!(
