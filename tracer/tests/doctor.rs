@@ -766,10 +766,11 @@ fn live_masquerade_iptables_nft() {
 #[test]
 fn live_masquerade_iptables_legacy() {
     require_root();
-    if doctor::find_tool("iptables-legacy").is_none() {
-        // Not installed: nothing to test for this backend (the nft backend is tested above).
-        return;
-    }
+    // Debian's `iptables` package ships both backends; `cargo xtask setup` installs it.
+    assert!(
+        doctor::find_tool("iptables-legacy").is_some(),
+        "iptables-legacy not found: install Debian's `iptables` package (`cargo xtask setup`)"
+    );
     let r = iptables_masq("iptables-legacy", false);
     let f = r.get(ids::MASQUERADE).unwrap();
     assert_eq!(f.severity, Severity::Warn, "{f:#?}");
