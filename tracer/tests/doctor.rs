@@ -3,6 +3,8 @@
 //! (MASQUERADE in nft, iptables-nft and iptables-legacy, be_liberal, NOTRACK, a real pod
 //! process with its own resolv.conf). The live tests need root; they fail, never skip.
 
+mod common;
+
 use std::{
     fs,
     path::{Path, PathBuf},
@@ -939,7 +941,8 @@ impl Drop for EtcNetns {
 }
 
 fn wait_pid(ns: &Netns) -> u32 {
-    for _ in 0..200 {
+    let deadline = std::time::Instant::now() + common::bound(2);
+    while std::time::Instant::now() < deadline {
         if let Some(&pid) = ns.pids().first() {
             // Wait for the exec into the target program (comm changes from `ip`).
             let comm = fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();

@@ -408,7 +408,7 @@ fn sigkill_mid_recording_leaves_only_whole_lines() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
+    let deadline = Instant::now() + bound(30);
     while fs::read_to_string(&trace)
         .map(|t| t.matches(r#""type":"record""#).count())
         .unwrap_or(0)
@@ -416,18 +416,23 @@ fn sigkill_mid_recording_leaves_only_whole_lines() {
     {
         assert!(
             Instant::now() < deadline,
-            "no records within 30 s:\n{}",
+            "no records within {:?}:\n{}",
+            bound(30),
             rec.stderr()
         );
         std::thread::sleep(Duration::from_millis(20));
     }
     rec.kill();
-    let status = wait_timeout(&mut lab, Duration::from_secs(120));
+    let status = wait_timeout(&mut lab, bound(120));
     if status.is_none() {
         let _ = lab.kill();
         let _ = lab.wait();
     }
-    assert!(status.is_some(), "the lab did not end within 120 s");
+    assert!(
+        status.is_some(),
+        "the lab did not end within {:?}",
+        bound(120)
+    );
     // Neither the killed recorder nor the lab left anything.
     assert_no_leftovers(rec.before());
 

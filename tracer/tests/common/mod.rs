@@ -33,11 +33,22 @@ pub fn trampolines() -> bool {
 /// where every fentry/fexit attach alone takes about 2 s. Bounds, not measurements: no
 /// test asserts a speed with it.
 pub fn bound(secs: u64) -> Duration {
-    let scale: u64 = std::env::var("TRACER_TEST_TIME_SCALE")
+    Duration::from_secs(secs * time_scale())
+}
+
+/// [`bound`] for a fraction of a second (a slack on top of a wait the kernel or a client
+/// makes, e.g. a resolver's 1 s timeout plus at most `bound_ms(500)`).
+pub fn bound_ms(ms: u64) -> Duration {
+    Duration::from_millis(ms * time_scale())
+}
+
+/// `TRACER_TEST_TIME_SCALE` (at least 1).
+pub fn time_scale() -> u64 {
+    std::env::var("TRACER_TEST_TIME_SCALE")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(1);
-    Duration::from_secs(secs * scale.max(1))
+        .unwrap_or(1u64)
+        .max(1)
 }
 
 /// For a test this machine truly can not run (never for a missing tool `cargo xtask setup`
