@@ -626,7 +626,8 @@ mod tests {
         /// and kind call for, no panic. A record shorter than its header or its body is
         /// `Short`; a DNS record decodes only at one of its two sizes (else `Short` or
         /// `BadSize`); a whole one is an event of its own kind, or `BadCapLen` when the
-        /// arbitrary body claims more payload than the record holds.
+        /// arbitrary body claims more payload than the record holds. Source 11 is unknown:
+        /// `UnknownSource` once the header is whole.
         #[test]
         fn decode_truncated_valid_records(kind in 1u32..=4, source in 1u16..=11, len in 0usize..700, fill in any::<u8>()) {
             let mut bytes = vec![fill; len.max(16)];
@@ -653,6 +654,10 @@ mod tests {
                 Err(DecodeError::BadCapLen { .. }) => prop_assert!(whole, "{len} bytes"),
                 Err(DecodeError::Short { need, got, .. }) => {
                     prop_assert!(!whole && got == len && need > len, "{len} bytes: need {need}");
+                }
+                Err(DecodeError::UnknownSource(s)) => {
+                    // 11 is one past the last source: a whole header, an unknown source.
+                    prop_assert!(s == source && SourceId::from_u16(source).is_none());
                 }
                 Err(DecodeError::BadSize { got, .. }) => {
                     prop_assert!(dns && !whole && got == len && len > size_of::<DnsPacketSmall>());
