@@ -119,7 +119,9 @@ pub(crate) fn run(
                 quote(&b.exe.to_string_lossy()),
                 quote(t)
             );
-            for a in harness_args {
+            // The filters already chose the tests (`list_tests`); passed on, several names
+            // would each match exactly beside `--exact` and run more than the one test.
+            for a in harness_args.iter().filter(|a| a.starts_with('-')) {
                 let _ = write!(work, " {}", quote(a));
             }
             work.push('\n');
