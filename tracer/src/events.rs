@@ -622,8 +622,12 @@ mod tests {
             }
         }
 
-        /// Valid headers with arbitrary bodies and lengths: typed result, no panic; a DNS
-        /// record decodes only at one of its two sizes.
+        /// Valid headers with arbitrary bodies and lengths: the typed result their length
+        /// and kind call for, no panic. A record shorter than its header or its body is
+        /// `Short`; a DNS record decodes only at one of its two sizes (else `Short` or
+        /// `BadSize`); a whole one is an event of its own kind, or `BadCapLen` when the
+        /// arbitrary body claims more payload than the record holds. Source 11 is unknown:
+        /// `UnknownSource` once the header is whole.
         #[test]
         fn decode_truncated_valid_records(kind in 1u32..=4, source in 1u16..=11, len in 0usize..700, fill in any::<u8>()) {
             let mut bytes = vec![fill; len.max(16)];
@@ -631,8 +635,34 @@ mod tests {
             bytes[4..6].copy_from_slice(&source.to_ne_bytes());
             bytes.truncate(len);
             let got = decode(&bytes);
-            if (kind == 1 || kind == 2) && len != 256 && len != 640 {
-                prop_assert!(got.is_err(), "{len}-byte DNS record decoded");
+            let dns = kind == 1 || kind == 2;
+            let whole = if dns {
+                len == size_of::<DnsPacketSmall>() || len == size_of::<DnsPacket>()
+            } else {
+                len >= size_of::<NfEvent>()
+            };
+            match got {
+                Ok(ev) => {
+                    prop_assert!(whole, "{len}-byte record of kind {kind} decoded");
+                    let same = matches!(
+                        (kind, &ev),
+                        (1, Event::DnsSend(_)) | (2, Event::DnsRecv(_))
+                            | (3, Event::NfDrop(_)) | (4, Event::CtClash(_))
+                    );
+                    prop_assert!(same, "kind {kind} decoded as {ev:?}");
+                }
+                Err(DecodeError::BadCapLen { .. }) => prop_assert!(whole, "{len} bytes"),
+                Err(DecodeError::Short { need, got, .. }) => {
+                    prop_assert!(!whole && got == len && need > len, "{len} bytes: need {need}");
+                }
+                Err(DecodeError::UnknownSource(s)) => {
+                    // 11 is one past the last source: a whole header, an unknown source.
+                    prop_assert!(s == source && SourceId::from_u16(source).is_none());
+                }
+                Err(DecodeError::BadSize { got, .. }) => {
+                    prop_assert!(dns && !whole && got == len && len > size_of::<DnsPacketSmall>());
+                }
+                Err(e) => prop_assert!(false, "{len} bytes of kind {kind}: {e}"),
             }
         }
 

@@ -34,3 +34,14 @@ pub mod traffic;
 pub mod verdict;
 pub mod view;
 pub mod watch;
+
+/// A bound on a wait in a unit test, stretched by `TRACER_TEST_TIME_SCALE` as the
+/// integration tests' `common::bound_ms` is (docs/testing.md).
+#[cfg(test)]
+pub(crate) fn test_bound_ms(ms: u64) -> std::time::Duration {
+    let scale: u64 = std::env::var("TRACER_TEST_TIME_SCALE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1);
+    std::time::Duration::from_millis(ms * scale.max(1))
+}

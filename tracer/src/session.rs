@@ -226,6 +226,17 @@ pub fn attach_floor(cgroup: Option<&Path>) -> anyhow::Result<Ebpf> {
     Ok(ebpf)
 }
 
+/// The names of every program and every map in the embedded eBPF object, whichever the
+/// plan attaches on this kernel (fentry, fexit, kprobes, tp_btf, cgroup_skb, tracepoints):
+/// what the privileged tests look for in `bpftool prog/map show` after a run (the kernel
+/// keeps the first 15 bytes of a name; bpftool may print the full one from BTF).
+pub fn object_names() -> anyhow::Result<(Vec<String>, Vec<String>)> {
+    let obj = aya_obj::Object::parse(OBJECT).context("parsing the embedded eBPF object")?;
+    let programs = obj.programs.keys().cloned().collect();
+    let maps = obj.maps.keys().cloned().collect();
+    Ok((programs, maps))
+}
+
 /// `16 MiB`, `512 KiB`: a ring size as people write it.
 pub fn ring_size_text(bytes: u32) -> String {
     if bytes >= 1 << 20 && bytes.is_multiple_of(1 << 20) {
@@ -280,5 +291,39 @@ mod tests {
         assert_eq!(o.ring_size, 16 << 20);
         assert_eq!(super::ring_size_text(o.ring_size), "16 MiB");
         assert_eq!(super::ring_size_text(256 << 10), "256 KiB");
+    }
+
+    #[test]
+    fn object_names_list_every_program_and_map() {
+        let (programs, maps) = super::object_names().unwrap();
+        // Fallbacks and the precise programs the guest tier attaches alike.
+        for p in [
+            "dns_egress",
+            "dns_ingress",
+            "dns_udp_sendmsg",
+            "dns_udpv6_sendmsg",
+            "dns_skb_consume_udp",
+            "sendmmsg_enter",
+            "sendmmsg_exit",
+            "nf_kfree_skb",
+            "nf_confirm_exit",
+            "nf_resolve_clash_exit",
+            "nf_confirm_entry",
+            "nf_confirm_ret",
+            "nf_clash_entry",
+            "nf_clash_ret",
+        ] {
+            assert!(programs.iter().any(|n| n == p), "{p} not in {programs:?}");
+        }
+        for m in [
+            "EVENTS",
+            "LOST",
+            "PORTS",
+            "IN_SENDMMSG",
+            "SOCK_OWNER",
+            "NF_ARGS",
+        ] {
+            assert!(maps.iter().any(|n| n == m), "{m} not in {maps:?}");
+        }
     }
 }

@@ -3,6 +3,8 @@
 //! (MASQUERADE in nft, iptables-nft and iptables-legacy, be_liberal, NOTRACK, a real pod
 //! process with its own resolv.conf). The live tests need root; they fail, never skip.
 
+mod common;
+
 use std::{
     fs,
     path::{Path, PathBuf},
@@ -766,10 +768,11 @@ fn live_masquerade_iptables_nft() {
 #[test]
 fn live_masquerade_iptables_legacy() {
     require_root();
-    if doctor::find_tool("iptables-legacy").is_none() {
-        // Not installed: nothing to test for this backend (the nft backend is tested above).
-        return;
-    }
+    // Debian's `iptables` package ships both backends; `cargo xtask setup` installs it.
+    assert!(
+        doctor::find_tool("iptables-legacy").is_some(),
+        "iptables-legacy not found: install Debian's `iptables` package (`cargo xtask setup`)"
+    );
     let r = iptables_masq("iptables-legacy", false);
     let f = r.get(ids::MASQUERADE).unwrap();
     assert_eq!(f.severity, Severity::Warn, "{f:#?}");
@@ -938,7 +941,8 @@ impl Drop for EtcNetns {
 }
 
 fn wait_pid(ns: &Netns) -> u32 {
-    for _ in 0..200 {
+    let deadline = std::time::Instant::now() + common::bound(2);
+    while std::time::Instant::now() < deadline {
         if let Some(&pid) = ns.pids().first() {
             // Wait for the exec into the target program (comm changes from `ip`).
             let comm = fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();

@@ -3,6 +3,8 @@
 //! with the two mitigations, checked against the node's own conntrack counters
 //! (`ctstats::read_in`). Run as root; it fails (never skips) otherwise.
 
+mod common;
+
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -12,8 +14,11 @@ use tracer::netns;
 use tracer::traffic::{self, InvalidReport};
 
 const ROUNDS: u32 = 10;
-/// How long a round waits for the server's reset (and for each set-up step).
-const TIMEOUT: Duration = Duration::from_millis(300);
+/// How long a round waits for the server's reset (and for each set-up step): 300 ms,
+/// scaled for an emulated guest.
+fn timeout() -> Duration {
+    common::bound_ms(300)
+}
 
 /// One lab at a time: the cases share nothing, but they compete for the two CPUs.
 static SERIAL: Mutex<()> = Mutex::new(());
@@ -60,7 +65,7 @@ fn run(m: Mitigation) -> (InvalidReport, CpuStats) {
             vip,
             backend,
             ROUNDS,
-            TIMEOUT,
+            timeout(),
         )
         .expect("invalid_segment");
         let after = ctstats::read_in(&node).expect("node counters").totals();

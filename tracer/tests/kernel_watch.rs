@@ -458,6 +458,7 @@ fn a_namespace_made_after_the_start_has_its_resolved_clashes_counted() {
 #[test]
 fn probes_reports_refused_sources_with_errno_and_the_chosen_fallbacks() {
     require_root();
+    let before = Baseline::take();
     if trampolines() {
         // nf_conntrack is a module on Debian's kernel (loaded on any node that runs
         // kube-proxy); its functions exist, and carry BTF, only once it is loaded.
@@ -521,6 +522,8 @@ fn probes_reports_refused_sources_with_errno_and_the_chosen_fallbacks() {
             assert!(!last["loses"].as_str().unwrap().is_empty());
         }
     }
+    // `tracer probes` loaded every source to try it, and released each.
+    before.assert_released("tracer probes");
 }
 
 fn tracer_fails(args: &[&str], wrap: Option<&[&str]>) -> String {
@@ -540,6 +543,7 @@ fn tracer_fails(args: &[&str], wrap: Option<&[&str]>) -> String {
 #[test]
 fn bad_input_gives_clear_errors() {
     require_root();
+    let before = Baseline::take();
     assert!(tracer_fails(&["watch", "--ports", "53,0"], None).contains("invalid port '0'"));
     assert!(tracer_fails(&["watch", "--ports", "53,"], None).contains("empty item"));
     assert!(
@@ -564,7 +568,8 @@ fn bad_input_gives_clear_errors() {
     assert!(
         e.contains("not privileged enough: missing CAP_BPF, CAP_PERFMON, CAP_NET_ADMIN"),
         "{e}"
-    );
+    ); // Runs that failed before or while loading left nothing loaded.
+    before.assert_released("the failed tracer runs");
 }
 
 /// Sends `n` A queries for unique names from `sockets` connected UDP sockets at `rate`
@@ -937,4 +942,50 @@ fn attached_to_the_pods_subtree_it_sees_pods_made_later_and_not_the_rest() {
         expect_outside,
         "answers to a process outside the subtree (pid {outside})"
     );
+/// The leak check every privileged run ends with sees what a running tracer loaded: its
+/// programs (the precise ones where trampolines work), its maps and its links, by the names
+/// in the eBPF object; and after the stop, none of them.
+#[test]
+fn the_leak_check_sees_what_a_running_tracer_loaded() {
+    require_root();
+    let before = Baseline::take();
+    let run = TracerRun::start(&[]);
+    let (progs, maps, links) = before.loaded_since();
+    // bpftool prints the kernel's name (15 bytes) or, from BTF, the full one.
+    let has = |list: &[Value], name: &str| {
+        list.iter().any(|v| {
+            let n = v["name"].as_str().unwrap_or("");
+            n == name || (n.len() == 15 && name.starts_with(n))
+        })
+    };
+    let expected: &[&str] = if trampolines() {
+        &[
+            "dns_udp_sendmsg",
+            "dns_udpv6_sendmsg",
+            "dns_skb_consume_udp",
+            "nf_confirm_exit",
+            "nf_resolve_clash_exit",
+            "nf_kfree_skb",
+        ]
+    } else {
+        &[
+            "dns_egress",
+            "dns_ingress",
+            "nf_kfree_skb",
+            "sendmmsg_enter",
+            "sendmmsg_exit",
+        ]
+    };
+    for p in expected {
+        assert!(has(&progs, p), "{p} not seen: {progs:#?}");
+    }
+    for m in ["EVENTS", "LOST", "PORTS"] {
+        assert!(has(&maps, m), "{m} not seen: {maps:#?}");
+    }
+    // How many of the attachments are BPF links depends on what aya uses on the kernel.
+    assert!(!links.is_empty(), "no link of {expected:?}");
+    // `stop` asserts they are all released.
+    run.stop();
+    let (progs, maps, links) = before.loaded_since();
+    assert!(progs.is_empty() && maps.is_empty() && links.is_empty());
 }

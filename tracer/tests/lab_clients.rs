@@ -105,7 +105,7 @@ fn race_client_process_answers_every_query() {
             SocketAddr::new(srv, 53),
             QNAME,
             20,
-            Duration::from_secs(2),
+            common::bound(2),
         )
         .unwrap();
         eprintln!(
@@ -174,7 +174,9 @@ impl Lab {
             qname: QNAME.into(),
             base_port,
             rounds,
-            timeout: Duration::from_millis(300),
+            // Scaled: in an emulated guest an answer can take longer than 300 ms, and a
+            // retry nothing dropped would break the retries = insert_failed relation.
+            timeout: common::bound_ms(300),
             attempts: 3,
         }
     }
@@ -317,7 +319,7 @@ fn check_retries_match_insert_failed(lab: &Lab, base_port: u16) -> u32 {
     if third_tries > 0 {
         eprintln!("  {third_tries} queries needed a third try");
     }
-    let timeout_us = 300_000;
+    let timeout_us = params.timeout.as_micros() as u64;
     for pod in &r.per_pod {
         assert_eq!(pod.rounds.len(), 100);
         for (i, round) in pod.rounds.iter().enumerate() {
@@ -387,7 +389,7 @@ fn a_killed_client_ends_the_run_promptly_and_leaves_nothing() {
         let killed_at = Mutex::new(None);
         let result = std::thread::scope(|s| {
             s.spawn(|| {
-                let deadline = Instant::now() + Duration::from_secs(10);
+                let deadline = Instant::now() + common::bound(10);
                 let pid = loop {
                     if let Some(&pid) = victim.pids().first() {
                         break pid;

@@ -3,6 +3,8 @@
 //! namespace, are named by `PodIndex` from their cgroup's inode, their network namespace and
 //! their pid, and the trees are gone afterwards. They need root; they fail, never skip.
 
+mod common;
+
 use std::{
     fs,
     os::unix::fs::MetadataExt as _,
@@ -56,7 +58,7 @@ fn assert_removed(top: &Path) {
 /// Waits until `pid` is in the network namespace with inode `inode` (`ip netns exec` joins
 /// it after it was spawned).
 fn wait_in_netns(pid: u32, inode: u64) {
-    let deadline = Instant::now() + Duration::from_secs(5);
+    let deadline = Instant::now() + common::bound(5);
     let want = format!("net:[{inode}]");
     loop {
         let link = fs::read_link(format!("/proc/{pid}/ns/net"))
@@ -67,7 +69,8 @@ fn wait_in_netns(pid: u32, inode: u64) {
         }
         assert!(
             Instant::now() < deadline,
-            "pid {pid} not in {want} after 5 s ({link})"
+            "pid {pid} not in {want} after {:?} ({link})",
+            common::bound(5)
         );
         std::thread::sleep(Duration::from_millis(10));
     }

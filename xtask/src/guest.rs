@@ -15,7 +15,9 @@
 //!
 //! The tier fails, naming the tests, if a test fails, times out, crashes its guest, or does
 //! not pass as the one test of its run (libtest's `test result:` must count 1 passed, 0
-//! ignored): an ignored or otherwise skipped guest test is a failure too.
+//! ignored): an ignored guest test is a failure too. A test that says this machine can not
+//! run it (`common::skip`, a `SKIPPED:` line in `$TRACER_TEST_SKIPS`, here the guest's
+//! `<id>.skip`) passes and is counted and printed as skipped, with its reason.
 
 use std::{
     collections::BTreeMap,
@@ -117,7 +119,9 @@ pub(crate) fn run(
                 quote(&b.exe.to_string_lossy()),
                 quote(t)
             );
-            for a in harness_args {
+            // The filters already chose the tests (`list_tests`); passed on, several names
+            // would each match exactly beside `--exact` and run more than the one test.
+            for a in harness_args.iter().filter(|a| a.starts_with('-')) {
                 let _ = write!(work, " {}", quote(a));
             }
             work.push('\n');
@@ -188,6 +192,7 @@ pub(crate) fn run(
     }
     // Which guest ran each test: the one whose shared directory has its log.
     let mut ran: BTreeMap<&str, Ran> = BTreeMap::new();
+    let mut skips: Vec<String> = Vec::new();
     for (g, outcome) in outcomes.iter().enumerate() {
         let Ok(o) = outcome else { continue };
         for (_, _, id) in &ids {
@@ -200,6 +205,7 @@ pub(crate) fn run(
             let secs = text("ms")
                 .and_then(|s| s.trim().parse::<u64>().ok())
                 .map(|ms| ms as f64 / 1000.0);
+            skips.extend(crate::test::skip_lines(&text("skip").unwrap_or_default()));
             busy[g].0 += 1;
             busy[g].1 += secs.unwrap_or(0.0);
             ran.insert(
@@ -283,6 +289,7 @@ pub(crate) fn run(
         wall.as_secs_f64()
     );
     print!("{report}");
+    crate::test::report_skips("guest", &skips);
     if !problems.is_empty() {
         bail!(
             "guest tier: {} (outputs and consoles: {})",
@@ -301,7 +308,7 @@ const RUN_FN: &str = r#"run() {
 	mkdir "/run/vm-common/$id" 2>/dev/null || return 0
 	echo "guest: == $label"
 	start=$(date +%s%N)
-	{ timeout -k 10 "$limit" "$@" 2>&1; echo $? >"/run/vm-test/$id.rc"; } | tee "/run/vm-test/$id.log"
+	{ TRACER_TEST_SKIPS="/run/vm-test/$id.skip" timeout -k 10 "$limit" "$@" 2>&1; echo $? >"/run/vm-test/$id.rc"; } | tee "/run/vm-test/$id.log"
 	end=$(date +%s%N)
 	echo $(((end - start) / 1000000)) >"/run/vm-test/$id.ms"
 }

@@ -2,6 +2,11 @@
 //! integration tests (they load real BPF programs and create network namespaces) one at a
 //! time, then the guest tier (`guest.rs`): the precise-path test binaries again, in QEMU
 //! guests on Debian's 6.1 kernel, where fentry/fexit and kprobes work.
+//!
+//! Skips: a privileged test that can not run fails, unless this machine truly can not do
+//! the thing; such a test says so (`common::skip`: a `SKIPPED: <test>: <reason>` line in
+//! `$TRACER_TEST_SKIPS`) and each tier counts and prints its skips. An `#[ignore]`d test
+//! is run all the same (`--include-ignored`).
 
 use std::{fs, time::Instant};
 
@@ -51,10 +56,13 @@ fn steps(ws: &Workspace, tiers: Tiers, args: &[String]) -> anyhow::Result<()> {
         )
     })?;
 
+    let skips = ws.target_dir().join("test-skips.txt");
+    let _ = fs::remove_file(&skips);
     let cargo_test = |selection: &[&str], harness: &[&str]| -> anyhow::Result<()> {
         util::run(
             ws.cargo()?
                 .env("RUST_BACKTRACE", "1")
+                .env("TRACER_TEST_SKIPS", &skips)
                 .arg("test")
                 .args(HOST_CRATES)
                 .args(selection)
@@ -83,9 +91,11 @@ fn steps(ws: &Workspace, tiers: Tiers, args: &[String]) -> anyhow::Result<()> {
     }
     // The guest tier runs even when the host's integration tests failed: CI reports both.
     let host = if tiers.host {
-        step("integration tests (root, one at a time)", || {
-            cargo_test(&["--test", "*"], &["--test-threads=1"])
-        })
+        let result = step("integration tests (root, one at a time)", || {
+            cargo_test(&["--test", "*"], &["--test-threads=1", "--include-ignored"])
+        });
+        report_skips("host", &read_skips(&skips));
+        result
     } else {
         Ok(())
     };
@@ -116,6 +126,35 @@ fn step(name: &str, f: impl FnOnce() -> anyhow::Result<()>) -> anyhow::Result<()
     result
 }
 
+/// The `SKIPPED: ...` lines tests wrote to `path` (none if it does not exist).
+fn read_skips(path: &std::path::Path) -> Vec<String> {
+    skip_lines(&fs::read_to_string(path).unwrap_or_default())
+}
+
+/// The `SKIPPED: <binary>::<test>: <reason>` lines of a skips file.
+pub(crate) fn skip_lines(text: &str) -> Vec<String> {
+    text.lines()
+        .filter(|l| l.starts_with("SKIPPED: "))
+        .map(str::to_string)
+        .collect()
+}
+
+/// `test: host: 2 tests skipped (this machine can not run them):` and each line.
+pub(crate) fn report_skips(tier: &str, skips: &[String]) {
+    if skips.is_empty() {
+        println!("test: {tier}: no test skipped");
+        return;
+    }
+    println!(
+        "test: {tier}: {} test{} SKIPPED (this machine can not run them):",
+        skips.len(),
+        if skips.len() == 1 { "" } else { "s" }
+    );
+    for s in skips {
+        println!("test: {tier}:   {s}");
+    }
+}
+
 /// `cargo test --test '*'` fails when no crate has an integration test, so look first.
 fn has_integration_tests(ws: &Workspace) -> anyhow::Result<bool> {
     for krate in fs::read_dir(&ws.root).context("listing the workspace root")? {
@@ -131,4 +170,18 @@ fn has_integration_tests(ws: &Workspace) -> anyhow::Result<bool> {
         }
     }
     Ok(false)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn skip_lines_keep_only_the_markers() {
+        let text =
+            "SKIPPED: lab::a: no /dev/kvm\nnoise\n  SKIPPED: indented\nSKIPPED: doctor::b: x\n";
+        assert_eq!(
+            super::skip_lines(text),
+            ["SKIPPED: lab::a: no /dev/kvm", "SKIPPED: doctor::b: x"]
+        );
+        assert!(super::skip_lines("").is_empty());
+    }
 }

@@ -425,7 +425,13 @@ pub fn run(args: &LabArgs, live: Option<collect::Live>) -> anyhow::Result<LabRep
     let mut all_checks = Vec::new();
     for (role, ns) in cluster.namespaces() {
         let netns = ns.inode() as u32;
-        let counters = collected.deltas.get(&netns).cloned().unwrap_or_default();
+        // A namespace whose counters were never read would hold every verdict to zeros,
+        // and every "expect zero" check would pass: that is a failed run, not a clean one.
+        let counters = collected.deltas.get(&netns).cloned().with_context(|| {
+            format!(
+                "no conntrack counters were read for the lab's {role} namespace (netns                  {netns}): its verdicts can not be checked"
+            )
+        })?;
         let verdicts = count_verdicts(&collected.findings, netns);
         all_checks.extend(checks(&role, &counters, &verdicts));
         if role == "node" && args.lose_first_aaaa && args.scenario == Scenario::DnsRace {

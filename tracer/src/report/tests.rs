@@ -310,10 +310,10 @@ fn a_busy_pod_draws_at_most_50_timelines_and_says_how_many_are_left_out() {
 
 #[test]
 fn thousands_of_lookups_make_a_page_of_bounded_size() {
+    // Its size is bounded; how fast it renders is not asserted (no test measures a speed:
+    // docs/testing.md).
     let r = busy(300, 5000);
-    let t = std::time::Instant::now();
     let html = html(&page(&r));
-    assert!(t.elapsed() < std::time::Duration::from_secs(5));
     assert_eq!(
         html.matches("<svg class=\"tl\"").count(),
         MAX_TIMELINES_PER_POD

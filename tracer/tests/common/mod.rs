@@ -3,6 +3,9 @@
 #![allow(dead_code, reason = "each test binary uses a different subset")]
 
 pub mod chromium;
+pub mod leaks;
+
+pub use leaks::{assert_no_leftovers, Baseline};
 
 use std::{
     fs,
@@ -30,11 +33,46 @@ pub fn trampolines() -> bool {
 /// where every fentry/fexit attach alone takes about 2 s. Bounds, not measurements: no
 /// test asserts a speed with it.
 pub fn bound(secs: u64) -> Duration {
-    let scale: u64 = std::env::var("TRACER_TEST_TIME_SCALE")
+    Duration::from_secs(secs * time_scale())
+}
+
+/// [`bound`] for a fraction of a second (a slack on top of a wait the kernel or a client
+/// makes, e.g. a resolver's 1 s timeout plus at most `bound_ms(500)`).
+pub fn bound_ms(ms: u64) -> Duration {
+    Duration::from_millis(ms * time_scale())
+}
+
+/// `TRACER_TEST_TIME_SCALE` (at least 1).
+pub fn time_scale() -> u64 {
+    std::env::var("TRACER_TEST_TIME_SCALE")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(1);
-    Duration::from_secs(secs * scale.max(1))
+        .unwrap_or(1u64)
+        .max(1)
+}
+
+/// For a test this machine truly can not run (never for a missing tool `cargo xtask setup`
+/// installs, nor for a missing privilege: those fail). Says so loudly and records
+/// `SKIPPED: <binary>::<test>: <reason>` in `$TRACER_TEST_SKIPS`, which both tiers of
+/// `cargo xtask test` collect, count and print; the caller then returns.
+pub fn skip(reason: &str) {
+    use std::io::Write as _;
+    let thread = std::thread::current();
+    let line = format!(
+        "SKIPPED: {}::{}: {reason}",
+        env!("CARGO_CRATE_NAME"),
+        thread.name().unwrap_or("?")
+    );
+    eprintln!("{line}");
+    println!("{line}");
+    if let Some(path) = std::env::var_os("TRACER_TEST_SKIPS") {
+        let mut f = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .unwrap_or_else(|e| panic!("{}: {e}", Path::new(&path).display()));
+        writeln!(f, "{line}").unwrap();
+    }
 }
 
 /// Panics unless root: these tests load programs into the running kernel.
@@ -46,10 +84,12 @@ pub fn require_root() {
     );
 }
 
-/// A running `tracer watch --json`, stopped (SIGINT, then SIGKILL) on drop.
+/// A running `tracer watch --json`, stopped (SIGINT, then SIGKILL) on drop. Stopping or
+/// killing it checks that it left no program, map or link of ours loaded.
 pub struct TracerRun {
     child: Option<Child>,
     dir: PathBuf,
+    before: Baseline,
 }
 
 impl TracerRun {
@@ -61,6 +101,7 @@ impl TracerRun {
     /// Starts `tracer VERB --json` (watch or record) with `extra` args, in which `{dir}`
     /// stands for the run's own temporary directory, and waits for its ready file.
     pub fn start_verb(verb: &str, extra: &[&str]) -> TracerRun {
+        let before = Baseline::take();
         let dir =
             std::env::temp_dir().join(format!("tracer-test-{}-{}", std::process::id(), unique()));
         fs::create_dir_all(&dir).unwrap();
@@ -82,6 +123,7 @@ impl TracerRun {
         let mut run = TracerRun {
             child: Some(child),
             dir,
+            before,
         };
         let deadline = Instant::now() + bound(30);
         while !ready.exists() {
@@ -93,7 +135,8 @@ impl TracerRun {
             }
             assert!(
                 Instant::now() < deadline,
-                "tracer not ready after 30 s:\n{}",
+                "tracer not ready after {:?}:\n{}",
+                bound(30),
                 run.stderr()
             );
             std::thread::sleep(Duration::from_millis(20));
@@ -121,7 +164,7 @@ impl TracerRun {
     }
 
     /// Stops the tracer with SIGINT (as Ctrl-C would) and returns every JSON line it wrote.
-    /// Panics if it does not exit cleanly within 10 s.
+    /// Panics if it does not exit cleanly within 60 s (scaled).
     pub fn stop(self) -> Vec<Value> {
         self.stop_with(libc::SIGINT)
     }
@@ -139,11 +182,12 @@ impl TracerRun {
         let mut child = self.child.take().unwrap();
         signal(child.id(), sig);
         // `record --bundle` replays the trace and packs the bundle before it exits.
-        let status = wait_timeout(&mut child, Duration::from_secs(60)).unwrap_or_else(|| {
+        let status = wait_timeout(&mut child, bound(60)).unwrap_or_else(|| {
             let _ = child.kill();
             let _ = child.wait();
             panic!(
-                "tracer did not stop within 60 s of signal {sig}:\n{}",
+                "tracer did not stop within {:?} of signal {sig}:\n{}",
+                bound(60),
                 self.stderr()
             )
         });
@@ -152,14 +196,26 @@ impl TracerRun {
             "tracer exited with {status}:\n{}",
             self.stderr()
         );
+        self.before.assert_released("tracer");
         fs::read_to_string(self.dir.join("out.jsonl")).unwrap()
     }
 
-    /// Ends the tracer with SIGKILL (nothing of it runs after) and reaps it.
+    /// Ends the tracer with SIGKILL (nothing of it runs after) and reaps it. Whatever it
+    /// had loaded must then be released: the caller checks, with [`TracerRun::before`],
+    /// once nothing else it started is loading programs.
     pub fn kill(&mut self) {
         let mut child = self.child.take().unwrap();
         signal(child.id(), libc::SIGKILL);
-        let _ = wait_timeout(&mut child, Duration::from_secs(10));
+        assert!(
+            wait_timeout(&mut child, bound(10)).is_some(),
+            "tracer still running {:?} after SIGKILL",
+            bound(10)
+        );
+    }
+
+    /// Ours loaded before this tracer started.
+    pub fn before(&self) -> &Baseline {
+        &self.before
     }
 }
 
@@ -266,15 +322,11 @@ pub fn summary(events: &[Value]) -> &Value {
 pub const PREFIX: &str = tracer::lab::topology::PREFIX;
 
 /// Runs `tracer lab ARGS --json --quiet` and returns the report; asserts a clean exit,
-/// all checks ok, no tracer losses and no namespace left behind.
+/// all checks ok, no tracer losses or decode errors, and nothing of the lab left behind
+/// (namespaces, processes, temp dirs, and the programs, maps and links it loaded).
 pub fn lab(args: &[&str]) -> Value {
-    lab_checked(args, true)
-}
-
-/// As [`lab`]; `programs`: also check no tracer program is loaded afterwards (false while
-/// another tracer is attached on purpose).
-pub fn lab_checked(args: &[&str], programs: bool) -> Value {
     require_root();
+    let before = Baseline::take();
     let out = Command::new(TRACER)
         .arg("lab")
         .args(args)
@@ -288,99 +340,30 @@ pub fn lab_checked(args: &[&str], programs: bool) -> Value {
         .last()
         .and_then(|l| serde_json::from_str(l).ok())
         .unwrap_or_else(|| panic!("no report from `tracer lab {args:?}`:\n{stdout}\n{stderr}"));
-    assert_eq!(report["type"], "lab_report");
-    for c in report["checks"].as_array().unwrap() {
-        assert_eq!(c["ok"], true, "check failed: {c}\n{report:#}");
-    }
+    assert_lab_report(&report);
     assert!(
         out.status.success(),
         "tracer lab {args:?} failed:\n{stderr}"
     );
-    assert_eq!(report["tracer_lost"], 0);
-    assert_eq!(report["decode_errors"], 0);
-    assert_no_leftovers_but(programs);
+    assert_no_leftovers(&before);
     report
 }
 
-pub fn assert_no_leftovers() {
-    assert_no_leftovers_but(true);
-}
-
-pub fn assert_no_leftovers_but(programs: bool) {
-    assert!(
-        tracer::netns::leftovers(PREFIX).is_empty(),
-        "lab namespaces left: {:?}",
-        tracer::netns::leftovers(PREFIX)
-    );
-    let etc: Vec<String> = std::fs::read_dir("/etc/netns")
-        .map(|d| {
-            d.flatten()
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .filter(|n| n.starts_with(PREFIX))
-                .collect()
-        })
-        .unwrap_or_default();
-    assert!(etc.is_empty(), "/etc/netns entries left: {etc:?}");
-    let cgroups = tracer::lab::kubepods::leftovers();
-    assert!(cgroups.is_empty(), "pod cgroup trees left: {cgroups:?}");
-    // No process that ran in or for a lab namespace (dnsmasq, clients), no temp dir.
-    let procs: Vec<String> = std::fs::read_dir("/proc")
-        .unwrap()
-        .flatten()
-        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
-        .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
-        .filter(|c| c.contains(&format!("{PREFIX}-")))
-        .collect();
-    assert!(procs.is_empty(), "lab processes left: {procs:?}");
-    let tmp: Vec<String> = std::fs::read_dir(std::env::temp_dir())
-        .unwrap()
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| n.starts_with(&format!("{PREFIX}-")))
-        .collect();
-    assert!(tmp.is_empty(), "lab temp dirs left: {tmp:?}");
-    // No tracer program still loaded once the lab has exited. The kernel frees a program
-    // asynchronously after its last file descriptor closes, so give it a bounded moment.
-    if !programs {
-        return;
+/// A lab report whose checks all hold, with no tracer losses and no decode errors.
+pub fn assert_lab_report(report: &Value) {
+    assert_eq!(report["type"], "lab_report");
+    for c in report["checks"].as_array().unwrap() {
+        assert_eq!(c["ok"], true, "check failed: {c}\n{report:#}");
     }
-    let ours = [
-        "dns_egress",
-        "dns_ingress",
-        "nf_kfree_skb",
-        "sendmmsg_enter",
-        "sendmmsg_exit",
-    ];
-    let deadline = Instant::now() + Duration::from_secs(3);
-    loop {
-        let out = Command::new("bpftool")
-            .args(["prog", "show", "--json"])
-            .output()
-            .expect("bpftool (cargo xtask setup installs it)");
-        let progs: Value = serde_json::from_slice(&out.stdout).unwrap();
-        let left: Vec<Value> = progs
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|p| ours.iter().any(|n| p["name"] == *n))
-            .cloned()
-            .collect();
-        if left.is_empty() {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "tracer programs still loaded 3 s after the lab exited: {left:#?}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    assert_eq!(report["tracer_lost"], 0, "{report:#}");
+    assert_eq!(report["decode_errors"], 0, "{report:#}");
 }
 
 /// The body of `GET /metrics` at `addr`.
 pub fn scrape(addr: &str) -> String {
     use std::io::{Read as _, Write as _};
     let mut s = std::net::TcpStream::connect(addr).expect("connect to the metrics endpoint");
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.set_read_timeout(Some(bound(5))).unwrap();
     s.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
         .unwrap();
     let mut out = String::new();
