@@ -345,7 +345,9 @@ pub(crate) fn run(ws: &Workspace, args: &Args) -> anyhow::Result<()> {
                 let mut rates = BTreeMap::new();
                 for mode in order {
                     let _on = Attached::start(&bins, mode, &ready)?;
-                    rates.insert(mode, cost.run(w, args.seconds)?);
+                    let rate = cost.run(w, args.seconds)?;
+                    eprintln!("  {w} round {}: {} {rate:.0}", round + 1, mode.label());
+                    rates.insert(mode, rate);
                 }
                 let d = rates[&Mode::Detached];
                 det.push(d);
