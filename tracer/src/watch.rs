@@ -211,7 +211,12 @@ pub async fn run(args: WatchArgs) -> anyhow::Result<()> {
                     stop = true;
                 }
             }
-            _ = std::future::ready(()), if behind => {
+            // Yields to the runtime first: a branch that is always ready would keep this
+            // task from ever returning to tokio's scheduler, which then never drives its
+            // timers and signals (the counter poll, the sweep, Ctrl-C) while the consumer
+            // stays behind: under a sustained load that starved the polls for up to 10 s
+            // (finished lookups piled up in their hold, to ~600 MB) and delayed the stop.
+            _ = tokio::task::yield_now(), if behind => {
                 let d = drain(ring.get_mut(), &mut pipeline, &mut show, Budget::Slice)?;
                 behind = d.more;
                 if d.gone || losses.read(&session, &mut pipeline, &mut show, false)? {

@@ -39,6 +39,10 @@ pub(crate) struct Args {
     pub(crate) shapes: Vec<&'static str>,
     pub(crate) pods: u32,
     pub(crate) json: bool,
+    /// A prebuilt tracer to run (nothing is built).
+    pub(crate) tracer: Option<PathBuf>,
+    /// Show the tail of watch's stderr after each attached window.
+    pub(crate) stderr: bool,
 }
 
 /// How long setting up a shape may take (200 pods: a few seconds).
@@ -372,6 +376,7 @@ fn attached(
     load: &mut LoadGen,
     rate: u32,
     seconds: u32,
+    show_stderr: bool,
 ) -> anyhow::Result<(WatchStats, Value)> {
     let workdir = load.ready["workdir"]
         .as_str()
@@ -402,6 +407,9 @@ fn attached(
     let (stop_s, killed) = watch.stop();
     stats.stop_s = stop_s;
     stats.killed = killed;
+    if show_stderr {
+        println!("tracer watch's stderr (tail):\n{}", watch.stderr_tail());
+    }
     read_output(&mut watch.out, &mut stats)?;
     if stats.summary.is_null() {
         bail!(
@@ -417,11 +425,16 @@ pub(crate) fn run(ws: &Workspace, args: &Args) -> anyhow::Result<()> {
     if !util::is_root()? {
         bail!("bench-load builds network namespaces and loads eBPF programs: run it as root");
     }
-    util::run(
-        ws.cargo()?
-            .args(["build", "--release", "--package", "tracer"]),
-    )?;
-    let bin = ws.target_dir().join("release").join("tracer");
+    let bin = match &args.tracer {
+        Some(bin) => fs::canonicalize(bin).with_context(|| format!("{}", bin.display()))?,
+        None => {
+            util::run(
+                ws.cargo()?
+                    .args(["build", "--release", "--package", "tracer"]),
+            )?;
+            ws.target_dir().join("release").join("tracer")
+        }
+    };
     let cpus = thread::available_parallelism().map_or(1, usize::from);
     let pinning = (cpus >= 2).then_some((0, 1));
     println!(
@@ -456,7 +469,7 @@ pub(crate) fn run(ws: &Workspace, args: &Args) -> anyhow::Result<()> {
                 "  {shape} {rate}/s detached: {}",
                 Row::truth_line(&detached)
             );
-            let (watch, truth) = attached(&bin, &mut load, rate, args.seconds)?;
+            let (watch, truth) = attached(&bin, &mut load, rate, args.seconds, args.stderr)?;
             println!("  {shape} {rate}/s attached: {}", Row::truth_line(&truth));
             let row = Row::new(shape, rate, args.seconds, detached, truth, watch);
             println!("  {}", row.tracer_line());

@@ -112,6 +112,13 @@ enum Verb {
         /// Also print one JSON line per row.
         #[arg(long)]
         json: bool,
+        /// Run this tracer binary instead of building the release one (A/B runs of two
+        /// builds in one sitting).
+        #[arg(long)]
+        tracer: Option<std::path::PathBuf>,
+        /// Print the last lines of `tracer watch`'s stderr after each attached window.
+        #[arg(long)]
+        stderr: bool,
     },
     /// Measure the userspace event path on one core: decode, pod enrichment and lookup
     /// correlation throughput, then resident memory at 50k lookups/s and under hostile
@@ -213,6 +220,8 @@ fn main() -> ExitCode {
             shape,
             pods,
             json,
+            tracer,
+            stderr,
         } => bench_load::run(
             &ws,
             &bench_load::Args {
@@ -224,6 +233,8 @@ fn main() -> ExitCode {
                     .collect(),
                 pods,
                 json,
+                tracer,
+                stderr,
             },
         ),
         Verb::VmTest(args) => vm::run(&ws, &args),
