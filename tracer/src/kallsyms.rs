@@ -145,8 +145,11 @@ mod tests {
             "ffffffff81000000 T _stext\nffffffff81000100 t nf_hook_slow\n0000000000000000 T hidden\n",
         )
         .unwrap();
-        std::fs::write(dir.join("modules"), "nf_conntrack 188416 1 - Live 0xffffffffc0a00000\n")
-            .unwrap();
+        std::fs::write(
+            dir.join("modules"),
+            "nf_conntrack 188416 1 - Live 0xffffffffc0a00000\n",
+        )
+        .unwrap();
         let s = Symbols::new(&kallsyms);
         assert_eq!(s.resolve(0xffffffff81000106), "nf_hook_slow+0x6");
         assert_eq!(s.resolve(0x10), "0x10");

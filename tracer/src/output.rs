@@ -732,7 +732,12 @@ mod tests {
             }
         }
         // Through the printer too, with its pod cache.
-        let mut p = Printer::new(Vec::new(), true, Clock::fixed(5), Symbols::new("/nonexistent"));
+        let mut p = Printer::new(
+            Vec::new(),
+            true,
+            Clock::fixed(5),
+            Symbols::new("/nonexistent"),
+        );
         p.write_event_json(&cases[0], Some(&pod)).unwrap();
         p.write_event_json(&cases[1], None).unwrap();
         let want = by_serde(&cases[0], cases[0].ts_ns() + 5, Some(&*raw))

@@ -942,6 +942,8 @@ fn attached_to_the_pods_subtree_it_sees_pods_made_later_and_not_the_rest() {
         expect_outside,
         "answers to a process outside the subtree (pid {outside})"
     );
+}
+
 /// The leak check every privileged run ends with sees what a running tracer loaded: its
 /// programs (the precise ones where trampolines work), its maps and its links, by the names
 /// in the eBPF object; and after the stop, none of them.
