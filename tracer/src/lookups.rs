@@ -523,7 +523,7 @@ impl Correlator {
             return;
         };
         if !open.lookup.queries.iter().any(|q| q.qname == w.qname) {
-            index(&mut self.by_name, (client, name_key(&w.qname)), lid);
+            index_lid(&mut self.by_name, (client, name_key(&w.qname)), lid);
         }
         let attempt = 1 + open
             .lookup
@@ -681,7 +681,7 @@ impl Correlator {
             self.settling.push_back((due, d.ts_ns, lid));
             if outcome == Outcome::Negative {
                 let key = (o.client, name_key(first_label(&o.lookup.name)));
-                index(&mut self.negative, key, lid);
+                index_lid(&mut self.negative, key, lid);
             }
         }
     }
@@ -908,32 +908,34 @@ impl Correlator {
     /// asked this name and takes the query as a sibling or a retry, or whose name was
     /// answered negatively and this is the next search expansion.
     fn find_lookup(&self, client: &ClientKey, d: &DnsEvent, w: &Wire) -> Option<u64> {
+        // The newest lookup that takes the query: ids are kept ascending ([`index_lid`]), so
+        // the first from the end.
         let same_name = self
             .by_name
             .get(&(*client, name_key(&w.qname)))
             .into_iter()
             .flatten()
+            .rev()
             .copied()
-            .filter(|lid| {
+            .find(|lid| {
                 self.open
                     .get(lid)
                     .is_some_and(|o| self.takes_same_name(o, d, w))
-            })
-            .max();
+            });
         let expansion = self
             .negative
             .get(&(*client, name_key(first_label(&w.qname))))
             .into_iter()
             .flatten()
+            .rev()
             .copied()
-            .filter(|lid| {
+            .find(|lid| {
                 self.open.get(lid).is_some_and(|o| {
                     o.settled.is_some_and(|(_, x)| x == Outcome::Negative)
                         && first_label(&o.lookup.name) == first_label(&w.qname)
                         && !o.lookup.queries.iter().any(|q| q.qname == w.qname)
                 })
-            })
-            .max();
+            });
         same_name.max(expansion)
     }
 
@@ -1171,15 +1173,13 @@ impl Correlator {
             unindex(&mut self.by_client_id, (q.src, q.id), of_this);
             // Each name once.
             if o.lookup.queries[..i].iter().all(|p| p.qname != q.qname) {
-                unindex(&mut self.by_name, (o.client, name_key(&q.qname)), |&l| {
-                    l == lid
-                });
+                unindex_lid(&mut self.by_name, (o.client, name_key(&q.qname)), lid);
             }
         }
-        unindex(
+        unindex_lid(
             &mut self.negative,
             (o.client, name_key(first_label(&o.lookup.name))),
-            |&l| l == lid,
+            lid,
         );
         let mut l = o.lookup;
         // Every query from an unbound socket gets the address one of that socket's packets
@@ -1280,6 +1280,50 @@ fn index<K: std::hash::Hash + Eq, T: Copy + PartialEq>(map: &mut Map<K, Refs<T>>
                 Refs::Many(all) => all.push(v),
             }
         }
+    }
+}
+
+/// Adds lookup id `lid` to the index entry `key`, once, keeping the ids ascending. A new
+/// lookup has the highest id, so this is a push; a busy client's hot name can have
+/// thousands of open lookups, and [`Correlator::find_lookup`] wants the newest that takes a
+/// query: it walks from the end and stops at the first.
+fn index_lid<K: std::hash::Hash + Eq>(map: &mut Map<K, Refs<u64>>, key: K, lid: u64) {
+    match map.entry(key) {
+        std::collections::hash_map::Entry::Vacant(e) => {
+            e.insert(Refs::One(lid));
+        }
+        std::collections::hash_map::Entry::Occupied(mut e) => {
+            let refs = e.get_mut();
+            match refs {
+                Refs::One(a) if *a == lid => {}
+                Refs::One(a) => {
+                    let a = *a;
+                    *refs = Refs::Many(if a < lid { vec![a, lid] } else { vec![lid, a] });
+                }
+                Refs::Many(all) => {
+                    if let Err(at) = all.binary_search(&lid) {
+                        all.insert(at, lid);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Takes lookup id `lid` out of the index entry `key` (and the entry, once empty).
+fn unindex_lid<K: std::hash::Hash + Eq>(map: &mut Map<K, Refs<u64>>, key: K, lid: u64) {
+    let empty = match map.get_mut(&key) {
+        None => return,
+        Some(Refs::One(v)) => *v == lid,
+        Some(Refs::Many(all)) => {
+            if let Ok(at) = all.binary_search(&lid) {
+                all.remove(at);
+            }
+            all.is_empty()
+        }
+    };
+    if empty {
+        map.remove(&key);
     }
 }
 
