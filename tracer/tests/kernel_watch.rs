@@ -824,23 +824,12 @@ impl LateCgroup {
 
     /// Makes `cmd` join this cgroup between fork and exec.
     fn enter(&self, cmd: &mut Command) {
-        use std::os::unix::{ffi::OsStrExt as _, process::CommandExt as _};
-        let procs =
-            std::ffi::CString::new(self.0.join("cgroup.procs").as_os_str().as_bytes()).unwrap();
-        // SAFETY: open/write/close are async-signal-safe; `procs` was allocated before the
-        // fork and is only read.
-        unsafe {
-            cmd.pre_exec(move || {
-                let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
-                if fd < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                let n = libc::write(fd, b"0".as_ptr().cast(), 1);
-                let err = (n != 1).then(std::io::Error::last_os_error);
-                libc::close(fd);
-                err.map_or(Ok(()), Err)
-            });
-        }
+        use std::os::unix::ffi::OsStrExt as _;
+        let procs = self.0.join("cgroup.procs");
+        tracer::lab::kubepods::join_on_exec(
+            cmd,
+            std::ffi::CString::new(procs.as_os_str().as_bytes()).unwrap(),
+        );
     }
 }
 

@@ -298,16 +298,7 @@ pub(crate) fn run(ws: &Workspace, args: &Args) -> anyhow::Result<()> {
     if !util::is_root()? {
         bail!("bench-filter loads eBPF programs and makes namespaces: run it as root");
     }
-    let tracer = match &args.tracer {
-        Some(b) => b.clone(),
-        None => {
-            util::run(
-                ws.cargo()?
-                    .args(["build", "--release", "--package", "tracer"]),
-            )?;
-            ws.target_dir().join("release").join("tracer")
-        }
-    };
+    let tracer = util::release_tracer(ws, args.tracer.as_deref())?;
     let bins = Bins {
         tracer,
         baseline: args.baseline.clone(),

@@ -425,16 +425,7 @@ pub(crate) fn run(ws: &Workspace, args: &Args) -> anyhow::Result<()> {
     if !util::is_root()? {
         bail!("bench-load builds network namespaces and loads eBPF programs: run it as root");
     }
-    let bin = match &args.tracer {
-        Some(bin) => fs::canonicalize(bin).with_context(|| format!("{}", bin.display()))?,
-        None => {
-            util::run(
-                ws.cargo()?
-                    .args(["build", "--release", "--package", "tracer"]),
-            )?;
-            ws.target_dir().join("release").join("tracer")
-        }
-    };
+    let bin = util::release_tracer(ws, args.tracer.as_deref())?;
     let cpus = thread::available_parallelism().map_or(1, usize::from);
     let pinning = (cpus >= 2).then_some((0, 1));
     println!(

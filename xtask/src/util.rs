@@ -152,3 +152,20 @@ pub(crate) fn euid() -> anyhow::Result<u32> {
 pub(crate) fn is_root() -> anyhow::Result<bool> {
     Ok(euid()? == 0)
 }
+
+/// The tracer a benchmark runs: `given` (canonical), or the release build, built now.
+pub(crate) fn release_tracer(
+    ws: &Workspace,
+    given: Option<&std::path::Path>,
+) -> anyhow::Result<std::path::PathBuf> {
+    use anyhow::Context as _;
+    match given {
+        Some(bin) => std::fs::canonicalize(bin).with_context(|| format!("{}", bin.display())),
+        None => {
+            run(ws
+                .cargo()?
+                .args(["build", "--release", "--package", "tracer"]))?;
+            Ok(ws.target_dir().join("release").join("tracer"))
+        }
+    }
+}

@@ -117,31 +117,35 @@ impl LabPod {
     /// Makes `cmd` start in the container's cgroup: the child writes `0` to `cgroup.procs`
     /// after fork and before exec, so it is there before it runs anything.
     pub fn enter(&self, cmd: &mut Command) {
-        let path = self.procs.clone();
-        let join = move || -> io::Result<()> {
-            // SAFETY: open/write/close are async-signal-safe; `path` was allocated before
-            // the fork and is only read.
-            let fd = unsafe { libc::open(path.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC) };
-            if fd < 0 {
-                return Err(io::Error::last_os_error());
-            }
-            // SAFETY: writes one byte from a static buffer to the fd opened above.
-            let n = unsafe { libc::write(fd, b"0".as_ptr().cast(), 1) };
-            let err = (n != 1).then(io::Error::last_os_error);
-            // SAFETY: closes the fd opened above, once.
-            unsafe { libc::close(fd) };
-            err.map_or(Ok(()), Err)
-        };
-        // SAFETY: the closure only makes async-signal-safe calls (see above), as required
-        // between fork and exec.
-        unsafe {
-            cmd.pre_exec(join);
-        }
+        join_on_exec(cmd, self.procs.clone());
     }
 
     /// The processes in the container's cgroup.
     pub fn pids(&self) -> Vec<u32> {
         procs_of(&self.dir)
+    }
+}
+
+/// Makes `cmd` join the cgroup whose `cgroup.procs` is `procs`, between fork and exec.
+pub fn join_on_exec(cmd: &mut Command, procs: CString) {
+    let join = move || -> io::Result<()> {
+        // SAFETY: open/write/close are async-signal-safe; `procs` was allocated before the
+        // fork and is only read.
+        let fd = unsafe { libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: writes one byte from a static buffer to the fd opened above.
+        let n = unsafe { libc::write(fd, b"0".as_ptr().cast(), 1) };
+        let err = (n != 1).then(io::Error::last_os_error);
+        // SAFETY: closes the fd opened above, once.
+        unsafe { libc::close(fd) };
+        err.map_or(Ok(()), Err)
+    };
+    // SAFETY: the closure only makes async-signal-safe calls (see above), as required
+    // between fork and exec.
+    unsafe {
+        cmd.pre_exec(join);
     }
 }
 

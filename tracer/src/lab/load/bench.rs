@@ -363,30 +363,6 @@ impl Bench<'_> {
     }
 }
 
-/// On SIGINT/SIGTERM a thread removes what the bench made (its namespaces with their
-/// processes, its pod cgroups and node roots, its directory) and exits: the guards of the
-/// main thread can not run then. Must run before any other thread exists, so that every
-/// thread inherits the mask.
-fn cleanup_on_signal() -> Result<()> {
-    let set = super::blocked_stop_signals()?;
-    std::thread::Builder::new()
-        .name("bench-signals".into())
-        .spawn(move || {
-            let sig = super::wait_signal(&set);
-            eprintln!("load-gen bench: signal {sig}: removing the bench's namespaces");
-            let ns = netns::remove_own(PREFIX);
-            let cg = crate::lab::kubepods::remove_own();
-            let _ = fs::remove_dir_all(WorkDir::path_for(std::process::id()));
-            eprintln!(
-                "load-gen bench: removed {} namespaces and {} pod cgroup trees",
-                ns.len(),
-                cg.len()
-            );
-            std::process::exit(128 + sig);
-        })?;
-    Ok(())
-}
-
 fn print_json(v: &impl Serialize) -> Result<()> {
     let mut out = std::io::stdout().lock();
     serde_json::to_writer(&mut out, v)?;
@@ -397,7 +373,19 @@ fn print_json(v: &impl Serialize) -> Result<()> {
 
 /// `tracer load-gen bench`.
 pub fn run(a: &BenchArgs) -> Result<()> {
-    cleanup_on_signal()?;
+    // On SIGINT/SIGTERM: the namespaces with their processes, the pod cgroups and node
+    // roots, the bench's directory.
+    super::cleanup_on_signal("bench-signals", |sig| {
+        eprintln!("load-gen bench: signal {sig}: removing the bench's namespaces");
+        let ns = netns::remove_own(PREFIX);
+        let cg = crate::lab::kubepods::remove_own();
+        let _ = fs::remove_dir_all(WorkDir::path_for(std::process::id()));
+        format!(
+            "load-gen bench: removed {} namespaces and {} pod cgroup trees",
+            ns.len(),
+            cg.len()
+        )
+    })?;
     super::die_with_parent(libc::SIGTERM)?;
     let started = Instant::now();
     let work = WorkDir::create()?;

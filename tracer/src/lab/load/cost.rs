@@ -347,26 +347,15 @@ fn print_json(v: &impl Serialize) -> Result<()> {
     Ok(())
 }
 
-/// Blocks SIGINT/SIGTERM and removes this process's namespaces when one arrives.
-fn cleanup_on_signal() -> Result<()> {
-    let set = super::blocked_stop_signals()?;
-    std::thread::Builder::new()
-        .name("cost-signals".into())
-        .spawn(move || {
-            let sig = super::wait_signal(&set);
-            let ns = netns::remove_own(PREFIX);
-            eprintln!(
-                "load-gen cost: signal {sig}: removed {} namespaces",
-                ns.len()
-            );
-            std::process::exit(128 + sig);
-        })?;
-    Ok(())
-}
-
 /// `tracer load-gen cost`.
 pub fn run(a: &CostArgs) -> Result<()> {
-    cleanup_on_signal()?;
+    super::cleanup_on_signal("cost-signals", |sig| {
+        let ns = netns::remove_own(PREFIX);
+        format!(
+            "load-gen cost: signal {sig}: removed {} namespaces",
+            ns.len()
+        )
+    })?;
     super::die_with_parent(libc::SIGTERM)?;
     let net = Net::build()?;
     print_json(&serde_json::json!({"type": "ready", "client": net.client.name()}))?;

@@ -128,6 +128,24 @@ pub(crate) fn wait_signal(set: &libc::sigset_t) -> i32 {
     sig
 }
 
+/// Blocks SIGINT/SIGTERM and starts a thread that, when one arrives, runs `cleanup` (what
+/// the main thread's guards can not remove then), prints what it says and exits. Must run
+/// before any other thread exists, so that every thread inherits the mask.
+pub(crate) fn cleanup_on_signal(
+    thread: &str,
+    cleanup: impl FnOnce(i32) -> String + Send + 'static,
+) -> Result<()> {
+    let set = blocked_stop_signals()?;
+    std::thread::Builder::new()
+        .name(thread.into())
+        .spawn(move || {
+            let sig = wait_signal(&set);
+            eprintln!("{}", cleanup(sig));
+            std::process::exit(128 + sig);
+        })?;
+    Ok(())
+}
+
 /// Asks for `sig` when the parent dies, and fails if it is already gone.
 pub(crate) fn die_with_parent(sig: i32) -> Result<()> {
     // SAFETY: plain prctl/getppid calls with integer arguments.
